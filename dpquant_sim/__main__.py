@@ -1,0 +1,3 @@
+from dpquant_sim.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""dpquant_sim.schedules."""

@@ -1,0 +1,87 @@
+"""Typed, frozen schedule configs (pydantic), one per schedule kind, joined in a discriminated union.
+
+Budget semantics are shared by every schedule: ``budget`` is the expected share (0..1] of quantizable GEMM
+FLOPs (``budget_unit='flops'``) or of quantizable layers (``budget_unit='layers'``) that runs quantized in an
+epoch, so equal budgets mean equal expected quantized compute.
+
+>>> from pydantic import TypeAdapter
+>>> TypeAdapter(ScheduleConfig).validate_python({"kind": "random", "budget": 0.5}).budget
+0.5
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _Budgeted(_Base):
+    budget: float = Field(0.5, gt=0.0, le=1.0, description="expected quantized share per epoch (0,1]")
+    budget_unit: Literal["flops", "layers"] = "flops"
+
+
+class Fp32Config(_Base):
+    """Nothing quantized (baseline)."""
+
+    kind: Literal["fp32"] = "fp32"
+
+
+class StaticAllConfig(_Base):
+    """Every quantizable layer quantized every epoch."""
+
+    kind: Literal["static-all"] = "static-all"
+
+
+class StaticSubsetConfig(_Budgeted):
+    """A fixed set of layers, chosen once: first/last/largest-FLOP layers meeting the budget, or named."""
+
+    kind: Literal["static-subset"] = "static-subset"
+    select: Literal["first", "last", "largest", "named"] = "first"
+    layers: tuple[str, ...] = ()
+
+
+class RandomConfig(_Budgeted):
+    """Each epoch a uniformly random subset meeting the budget (rotation without priorities)."""
+
+    kind: Literal["random"] = "random"
+
+
+class DPQuantConfig(_Budgeted):
+    """DPQuant: sampling weighted by a DP per-layer loss-sensitivity estimate, mixed with uniform."""
+
+    kind: Literal["dpquant"] = "dpquant"
+    interval: int = Field(2, ge=1, description="re-estimate every R epochs")
+    sample_rate: float = Field(0.05, gt=0.0, le=1.0, description="Poisson rate of the estimator's sample")
+    clip: float = Field(1.0, gt=0.0, description="per-example L2 clip of the L-vector of loss deltas")
+    noise_multiplier: float = Field(1.0, ge=0.0, description="sigma_s; noise std = sigma_s * clip")
+    temperature: float = Field(1.0, gt=0.0, description="tau in softmax(-s/tau)")
+    uniform_mix: float = Field(0.2, ge=0.0, le=1.0, description="weight u of the uniform distribution")
+    ema: float = Field(0.5, ge=0.0, lt=1.0, description="EMA factor for the smoothed scores (0 = no memory)")
+    warmup_steps: int = Field(0, ge=0, description="short training steps before an estimate (counted as DP-SGD)")
+
+
+ScheduleConfig = Annotated[
+    Union[Fp32Config, StaticAllConfig, StaticSubsetConfig, RandomConfig, DPQuantConfig],
+    Field(discriminator="kind"),
+]
+SCHEDULE_KINDS: tuple[str, ...] = ("fp32", "static-all", "static-subset", "random", "dpquant")
+
+
+class PruneConfig(_Base):
+    """Pre-pruning before DP training (arXiv 2306.11754). Only 'channel' structure saves FLOPs."""
+
+    method: Literal["random", "magnitude", "snip-free"] = "magnitude"
+    structure: Literal["unstructured", "channel"] = "unstructured"
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+
+
+class DropConfig(_Base):
+    """Per-step gradient dropping: keep a share of coordinates, masks applied before clipping."""
+
+    method: Literal["random", "magnitude"] = "random"
+    keep: float = Field(0.5, gt=0.0, le=1.0, description="share of gradient coordinates kept each step")
