@@ -25,6 +25,14 @@ COMMAND_MODULES = ("train_cmd", "hw_cmd", "cost_cmd", "sweep_cmd", "report_cmd",
 _registered = False
 
 
+@app.command("version")
+def version() -> None:
+    """Print the dpquant-sim version."""
+    from dpquant_sim import __version__
+
+    typer.echo(__version__)
+
+
 def _register() -> None:
     global _registered
     if _registered:

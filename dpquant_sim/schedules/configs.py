@@ -63,6 +63,9 @@ class DPQuantConfig(_Budgeted):
     uniform_mix: float = Field(0.2, ge=0.0, le=1.0, description="weight u of the uniform distribution")
     ema: float = Field(0.5, ge=0.0, lt=1.0, description="EMA factor for the smoothed scores (0 = no memory)")
     warmup_steps: int = Field(0, ge=0, description="short training steps before an estimate (counted as DP-SGD)")
+    score_scale: Literal["std", "clip", "none"] = Field(
+        "std", description="divide centred scores by max(std across layers, noise std) | clip | 1 before softmax"
+    )
 
 
 ScheduleConfig = Annotated[

@@ -1,0 +1,541 @@
+"""Variance of quantization error, and how DP noise amplifies it.
+
+Three views (DESIGN.md section 7):
+
+(a) **Analytic** (this module, no training): the mean squared quantization error E[(q(x) - x)^2] of a scalar
+    drawn from a distribution (Gaussian, Laplace, Student-t, uniform or any frozen ``scipy.stats``
+    distribution) under a format's representable grid, by numerical integration over every representable
+    interval:
+
+    - round-to-nearest: on [lo, hi] with midpoint m, err = x - lo on [lo, m] and hi - x on [m, hi];
+    - stochastic rounding: q(x) = hi with probability (x - lo)/(hi - lo), so E[err^2 | x] = (x - lo)(hi - x)
+      (the conditional variance; the error is unbiased inside the range);
+    - beyond the largest magnitude both saturate: err = x - max.
+
+    Scaling: ``scale`` multiplies the grid (a fixed scale; ``scaling='none'`` is scale 1). For amax scaling
+    over ``n`` elements (one scale per tensor, per sample or per block of ``n`` elements) the scale is
+    ``amax / fmt_max`` and :func:`amax_scaled_error` integrates over the distribution of the amax: given
+    the amax m, the element holding it is exact and the other n - 1 elements are i.i.d. from the
+    distribution truncated to |x| <= m.
+
+(b) **Empirical** accuracy/loss drop from quantization with and without DP noise: a sweep
+    (``analysis/variance_study.py`` builds it with :mod:`dpquant_sim.sweep`); :func:`quantization_drop`
+    turns its table into the drop per noise multiplier and format.
+
+(c) **Gradient level**: :func:`gradient_variance` measures, for a small model and batch, the variance of the
+    noisy clipped gradient with and without quantized GEMMs (per-sample gradients through Opacus).
+
+Units: errors are in the units of x (squared for variances). Example:
+
+>>> import math
+>>> r = error_variance(uniform(-100, 100), "int8", rounding="stochastic")
+>>> round(r.mse, 4)   # closed form for a unit grid step: 1/6
+0.1667
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any, Literal, Sequence
+
+import numpy as np
+from scipy import stats
+
+from dpquant_sim.errors import ConfigError, check_choice
+
+_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(12)
+
+# ml_dtypes names of the element formats whose grid we enumerate from every bit pattern (independent of our
+# own numerics code, which tests compare against).
+_ML_DTYPES = {
+    "fp8_e4m3": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
+    "fp6_e2m3": "float6_e2m3fn",
+    "fp6_e3m2": "float6_e3m2fn",
+    "fp4_e2m1": "float4_e2m1fn",
+    "bf16": "bfloat16",
+}
+
+
+@lru_cache(maxsize=None)
+def representable_values(fmt: str) -> np.ndarray:
+    """Sorted finite representable values of an element format (float64), both signs, one zero.
+
+    Float formats are enumerated from every bit pattern with ml_dtypes; int8/int4 are the symmetric integer
+    grids [-127, 127] and [-7, 7] (the symmetric range used for scaled integer quantization).
+    """
+    import ml_dtypes
+
+    if fmt == "int8":
+        return np.arange(-127, 128, dtype=np.float64)
+    if fmt == "int4":
+        return np.arange(-7, 8, dtype=np.float64)
+    if fmt == "fp16":
+        codes = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)
+    elif fmt in _ML_DTYPES:
+        dt = np.dtype(getattr(ml_dtypes, _ML_DTYPES[fmt]))
+        nbits = dt.itemsize * 8
+        if fmt in ("fp6_e2m3", "fp6_e3m2"):
+            nbits = 6
+        elif fmt == "fp4_e2m1":
+            nbits = 4
+        raw = np.arange(1 << nbits, dtype=np.uint16 if dt.itemsize == 2 else np.uint8)
+        if nbits < dt.itemsize * 8:  # sub-byte formats: ml_dtypes stores one value per byte, low bits
+            codes = raw.astype(np.uint8).view(dt).astype(np.float64)
+        else:
+            codes = raw.view(dt).astype(np.float64)
+    else:
+        raise ConfigError("format", fmt, tuple(list(_ML_DTYPES) + ["fp16", "int8", "int4"]))
+    vals = np.unique(codes[np.isfinite(codes)])
+    return vals
+
+
+def gaussian(scale: float = 1.0, loc: float = 0.0):
+    """N(loc, scale^2) as a frozen scipy distribution."""
+    return stats.norm(loc=loc, scale=scale)
+
+
+def laplace(scale: float = 1.0, loc: float = 0.0):
+    """Laplace(loc, b=scale) (variance 2 b^2): heavier tails, as gradients often have."""
+    return stats.laplace(loc=loc, scale=scale)
+
+
+def student_t(df: float = 3.0, scale: float = 1.0):
+    """Student-t with ``df`` degrees of freedom (heavy tails; variance scale^2 df/(df-2) for df > 2)."""
+    return stats.t(df=df, scale=scale)
+
+
+def uniform(lo: float, hi: float):
+    """Uniform on [lo, hi]."""
+    return stats.uniform(loc=lo, scale=hi - lo)
+
+
+DISTRIBUTIONS = {"gaussian": gaussian, "laplace": laplace, "student_t": student_t}
+
+
+def make_distribution(name: str, scale: float = 1.0):
+    """Distribution by name (gaussian, laplace, student_t with df=3) and scale."""
+    check_choice("distribution", name, tuple(DISTRIBUTIONS))
+    return DISTRIBUTIONS[name](scale=scale)
+
+
+@dataclass(frozen=True)
+class ErrorStats:
+    """Quantization error moments of one (distribution, format, rounding, scale).
+
+    Attributes:
+        mse: E[(q(x) - x)^2] (units of x squared).
+        mean_error: E[q(x) - x] (bias; 0 for symmetric distributions and for stochastic rounding in range).
+        variance: mse - mean_error^2.
+        signal_power: E[x^2] of the distribution (restricted as integrated).
+        relative_mse: mse / signal_power (dimensionless; 1/SQNR).
+        saturation_prob: P(|x| > max representable * scale).
+    """
+
+    mse: float
+    mean_error: float
+    variance: float
+    signal_power: float
+    relative_mse: float
+    saturation_prob: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _interval_moments(pdf, a: np.ndarray, b: np.ndarray, f) -> np.ndarray:
+    """Gauss-Legendre integral of f(x) * pdf(x) over each [a_i, b_i] (vectorized; 12 nodes)."""
+    half = (b - a)[:, None] / 2.0
+    mid = (a + b)[:, None] / 2.0
+    x = mid + half * _GL_NODES[None, :]
+    return (half * (_GL_WEIGHTS[None, :] * f(x) * pdf(x))).sum(axis=1)
+
+
+def _split(a: np.ndarray, b: np.ndarray, pieces: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split each [a_i, b_i] into ``pieces`` equal sub-intervals (more accuracy for wide intervals)."""
+    t = np.linspace(0.0, 1.0, pieces + 1)
+    edges = a[:, None] + (b - a)[:, None] * t[None, :]
+    return edges[:, :-1].ravel(), edges[:, 1:].ravel()
+
+
+def error_variance(
+    dist: Any,
+    fmt: str,
+    *,
+    rounding: Literal["nearest", "stochastic"] = "nearest",
+    scale: float = 1.0,
+    truncate: float | None = None,
+    pieces: int = 4,
+) -> ErrorStats:
+    """Analytic quantization-error moments of x ~ ``dist`` on the grid ``scale * representable_values(fmt)``.
+
+    Args:
+        dist: frozen ``scipy.stats`` continuous distribution (see :func:`gaussian`, :func:`laplace`, ...).
+        fmt: element format name (fp8_e4m3, fp8_e5m2, fp6_e2m3, fp6_e3m2, fp4_e2m1, bf16, fp16, int8, int4).
+        rounding: "nearest" (round to nearest; ties have probability 0) or "stochastic" (unbiased).
+        scale: the quantization scale (x is divided by it before rounding); grid values are ``scale * v``.
+        truncate: if given, x is conditioned on |x| <= truncate (used for amax scaling).
+        pieces: Gauss-Legendre sub-intervals per half-interval (accuracy knob).
+
+    Returns:
+        :class:`ErrorStats`. Saturating overflow is assumed (the project default; fp4/fp6 always saturate).
+    """
+    check_choice("rounding", rounding, ("nearest", "stochastic"))
+    if not scale > 0:
+        raise ConfigError("scale", scale, "a positive float")
+    grid = representable_values(fmt) * scale
+    lo_edge, hi_edge = grid[0], grid[-1]
+    if truncate is not None:
+        t = float(truncate)
+        norm = dist.cdf(t) - dist.cdf(-t)
+        base_pdf = dist.pdf
+        pdf = lambda x: np.where(np.abs(x) <= t, base_pdf(x), 0.0) / norm  # noqa: E731
+        support = (-t, t)
+    else:
+        pdf = dist.pdf
+        support = dist.support()
+    a, b = grid[:-1], grid[1:]
+    if truncate is not None:  # only the intervals that intersect [-t, t] carry mass
+        keep = (b > -t) & (a < t)
+        a, b = a[keep], b[keep]
+    mse = 0.0
+    mean_err = 0.0
+    if rounding == "nearest":
+        m = (a + b) / 2.0
+        # Lower half rounds down to a (err = a - x), upper half rounds up to b (err = b - x).
+        la, lb = _split(a, m, pieces)
+        ua, ub = _split(m, b, pieces)
+        lo_of = np.repeat(a, pieces)
+        hi_of = np.repeat(b, pieces)
+        if truncate is not None:  # integrate only where the truncated density lives
+            la, lb = np.clip(la, -t, t), np.clip(lb, -t, t)
+            ua, ub = np.clip(ua, -t, t), np.clip(ub, -t, t)
+        mse += _interval_moments(pdf, la, lb, lambda x: (x - lo_of[:, None]) ** 2).sum()
+        mse += _interval_moments(pdf, ua, ub, lambda x: (hi_of[:, None] - x) ** 2).sum()
+        mean_err += _interval_moments(pdf, la, lb, lambda x: lo_of[:, None] - x).sum()
+        mean_err += _interval_moments(pdf, ua, ub, lambda x: hi_of[:, None] - x).sum()
+    else:
+        sa, sb = _split(a, b, 2 * pieces)
+        lo_of = np.repeat(a, 2 * pieces)
+        hi_of = np.repeat(b, 2 * pieces)
+        if truncate is not None:
+            sa, sb = np.clip(sa, -t, t), np.clip(sb, -t, t)
+        mse += _interval_moments(pdf, sa, sb, lambda x: (x - lo_of[:, None]) * (hi_of[:, None] - x)).sum()
+    # Saturated tails (x beyond the grid): err = edge - x, for both roundings.
+    sat = 0.0
+    if truncate is not None:
+        # Bounded support: Gauss-Legendre on [edge, t] (fast; no adaptive quadrature in the inner loop).
+        if t > hi_edge:
+            ta, tb = _split(np.array([hi_edge]), np.array([t]), 8 * pieces)
+            mse += _interval_moments(pdf, ta, tb, lambda x: (x - hi_edge) ** 2).sum()
+            mean_err += _interval_moments(pdf, ta, tb, lambda x: hi_edge - x).sum()
+            sat += _interval_moments(pdf, ta, tb, lambda x: np.ones_like(x)).sum()
+        if -t < lo_edge:
+            ta, tb = _split(np.array([-t]), np.array([lo_edge]), 8 * pieces)
+            mse += _interval_moments(pdf, ta, tb, lambda x: (x - lo_edge) ** 2).sum()
+            mean_err += _interval_moments(pdf, ta, tb, lambda x: lo_edge - x).sum()
+            sat += _interval_moments(pdf, ta, tb, lambda x: np.ones_like(x)).sum()
+        pa, pb = _split(np.array([-t]), np.array([t]), 64)
+        power = float(_interval_moments(pdf, pa, pb, lambda x: x * x).sum())
+    else:
+        from scipy.integrate import quad
+
+        if support[1] > hi_edge:
+            up = support[1]
+            mse += quad(lambda x: (x - hi_edge) ** 2 * pdf(x), hi_edge, up, limit=200)[0]
+            mean_err += quad(lambda x: (hi_edge - x) * pdf(x), hi_edge, up, limit=200)[0]
+            sat += quad(pdf, hi_edge, up, limit=200)[0]
+        if support[0] < lo_edge:
+            down = support[0]
+            mse += quad(lambda x: (x - lo_edge) ** 2 * pdf(x), down, lo_edge, limit=200)[0]
+            mean_err += quad(lambda x: (lo_edge - x) * pdf(x), down, lo_edge, limit=200)[0]
+            sat += quad(pdf, down, lo_edge, limit=200)[0]
+        power = float(dist.var() + dist.mean() ** 2)
+    mse = float(max(mse, 0.0))
+    return ErrorStats(
+        mse=mse,
+        mean_error=float(mean_err),
+        variance=float(mse - mean_err**2),
+        signal_power=float(power),
+        relative_mse=float(mse / power) if power > 0 else math.nan,
+        saturation_prob=float(sat),
+    )
+
+
+def amax_quantiles(dist: Any, n: int, k: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights for E over M = max_i |x_i| (n i.i.d. draws of a distribution symmetric about 0).
+
+    P(M <= m) = (2 F(m) - 1)^n; we take ``k`` mid-quantiles of M (equal weights 1/k).
+    """
+    if n < 1:
+        raise ConfigError("n", n, "an integer >= 1 (elements sharing one scale)")
+    u = (np.arange(k) + 0.5) / k
+    # (2F(m) - 1)^n = u  ->  F(m) = (1 + u^(1/n)) / 2
+    m = dist.ppf((1.0 + u ** (1.0 / n)) / 2.0)
+    return m, np.full(k, 1.0 / k)
+
+
+def _point_sq_error(v: float, grid: np.ndarray, rounding: str) -> float:
+    """E[(q(v) - v)^2] for one value on a grid (saturating)."""
+    if v >= grid[-1]:
+        return float((v - grid[-1]) ** 2)
+    if v <= grid[0]:
+        return float((v - grid[0]) ** 2)
+    i = int(np.searchsorted(grid, v, side="right")) - 1
+    lo, hi = grid[i], grid[i + 1]
+    if rounding == "stochastic":
+        return float((v - lo) * (hi - v))
+    return float(min(v - lo, hi - v) ** 2)
+
+
+def amax_scaled_error(
+    dist: Any,
+    fmt: str,
+    n: int,
+    *,
+    rounding: Literal["nearest", "stochastic"] = "nearest",
+    scale_rule: Literal["amax", "mx"] = "amax",
+    k: int = 48,
+) -> ErrorStats:
+    """Error moments when ``n`` i.i.d. elements share one scale (per tensor, per sample or per block of n).
+
+    ``scale_rule``:
+      - ``"amax"`` (tensor/channel/sample scaling in :mod:`dpquant_sim.numerics.scaling`): the grid is
+        ``representable_values(fmt) * amax / fmt_max``, so the amax element lands exactly on the largest
+        value;
+      - ``"mx"`` (OCP MX, E8M0 block scale): grid scale ``2^(floor(log2 amax) - floor(log2 fmt_max))``; the
+        amax element itself may round (or saturate).
+
+    Given the amax m, the other n - 1 elements are i.i.d. from ``dist`` truncated to |x| <= m; we average
+    over ``k`` quantiles of the amax distribution. ``dist`` must be symmetric about 0.
+    """
+    check_choice("scale_rule", scale_rule, ("amax", "mx"))
+    vals = representable_values(fmt)
+    fmax = float(vals[-1])
+    ms, ws = amax_quantiles(dist, n, k)
+    acc = np.zeros(3)
+    for m, w in zip(ms, ws):
+        if scale_rule == "amax":
+            s = m / fmax
+        else:
+            s = 2.0 ** (math.floor(math.log2(m)) - math.floor(math.log2(fmax)))
+        top = _point_sq_error(m / s, vals, rounding) * s * s  # error of the amax element itself
+        if n == 1:
+            acc += w * np.array([top, 0.0, m * m])
+            continue
+        r = error_variance(dist, fmt, rounding=rounding, scale=s, truncate=m)
+        frac = (n - 1) / n
+        acc += w * np.array([frac * r.mse + top / n, frac * r.mean_error, frac * r.signal_power + m * m / n])
+    mse, mean_err, power = acc
+    return ErrorStats(
+        mse=float(mse),
+        mean_error=float(mean_err),
+        variance=float(mse - mean_err**2),
+        signal_power=float(power),
+        relative_mse=float(mse / power) if power > 0 else math.nan,
+        saturation_prob=0.0,
+    )
+
+
+def noisy_gradient_error(
+    grad_std: float,
+    noise_multiplier: float,
+    clip: float,
+    batch_size: int,
+    fmt: str,
+    n: int,
+    *,
+    rounding: Literal["nearest", "stochastic"] = "stochastic",
+) -> dict[str, float]:
+    """Quantization error of a gradient coordinate before vs after DP noise (the amplification in numbers).
+
+    Model: the averaged clipped gradient has coordinates ~ N(0, grad_std^2); DP adds N(0, (sigma C / B)^2)
+    per coordinate. Both tensors of ``n`` coordinates are amax-scaled into ``fmt``. Returns the clean and
+    noisy MSEs and their ratio (the factor by which noise inflates the quantization variance).
+
+    >>> r = noisy_gradient_error(1e-3, 1.0, 1.0, 256, "fp4_e2m1", 1024, rounding="stochastic")
+    >>> r["amplification"] > 1
+    True
+    """
+    noise_std = noise_multiplier * clip / batch_size
+    clean = amax_scaled_error(gaussian(grad_std), fmt, n, rounding=rounding)
+    noisy = amax_scaled_error(gaussian(math.hypot(grad_std, noise_std)), fmt, n, rounding=rounding)
+    return {
+        "grad_std": grad_std,
+        "noise_std": noise_std,
+        "mse_clean": clean.mse,
+        "mse_noisy": noisy.mse,
+        "amplification": noisy.mse / clean.mse if clean.mse > 0 else math.inf,
+        "relative_mse_clean": clean.relative_mse,
+        "relative_mse_noisy": noisy.relative_mse,
+    }
+
+
+def analytic_table(
+    formats: Sequence[str],
+    distributions: Sequence[str] = ("gaussian", "laplace", "student_t"),
+    roundings: Sequence[str] = ("nearest", "stochastic"),
+    ns: Sequence[int] = (1, 16, 32, 256, 4096),
+    *,
+    k: int = 32,
+) -> "Any":
+    """Tidy DataFrame of amax-scaled relative MSE over formats x distributions x roundings x scale-group
+    sizes n (n=1 is per-element scaling; 16/32 are NVFP4/MX blocks; larger n are per-sample/per-tensor).
+    Distributions have unit scale (relative MSE is scale-invariant for amax scaling)."""
+    import pandas as pd
+
+    rows = []
+    for fmt in formats:
+        for dname in distributions:
+            dist = make_distribution(dname, 1.0)
+            for rnd in roundings:
+                for n in ns:
+                    r = amax_scaled_error(dist, fmt, int(n), rounding=rnd, k=k)
+                    rows.append({"format": fmt, "distribution": dname, "rounding": rnd, "n": int(n), **r.to_dict()})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# (b) empirical: quantization drop with vs without DP noise, from a sweep table.
+
+
+def quantization_drop(
+    table: "Any",
+    *,
+    metric: str = "test_acc",
+    by: Sequence[str] = ("dataset", "model", "noise_multiplier", "recipe"),
+    baseline_kind: str = "fp32",
+) -> "Any":
+    """Final-epoch ``metric`` drop of each quantized schedule vs the fp32 run of the same configuration.
+
+    ``table`` is a sweep table (one row per run x epoch [x accelerator]) with columns ``point_id``,
+    ``schedule_kind``, ``seed``, ``epoch`` and ``metric``. Returns one row per (by..., schedule_kind) with
+    the mean/std over seeds of ``drop = metric(fp32) - metric(schedule)`` (paired by seed).
+    """
+    import pandas as pd
+
+    df = table.drop_duplicates(["point_id", "epoch"])
+    last = df.loc[df.groupby("point_id")["epoch"].idxmax()]
+    by = [c for c in by if c in last.columns]
+    base = last[last["schedule_kind"] == baseline_kind][by + ["seed", metric]]
+    # fp32 runs are recipe-agnostic: pair them with every recipe.
+    base_keys = [c for c in by if c != "recipe"]
+    base = base.drop(columns=[c for c in ("recipe",) if c in base.columns]).rename(columns={metric: "baseline"})
+    q = last[last["schedule_kind"] != baseline_kind]
+    merged = q.merge(base, on=base_keys + ["seed"], how="inner")
+    merged["drop"] = merged["baseline"] - merged[metric]
+    g = merged.groupby(by + ["schedule_kind"], dropna=False)["drop"]
+    out = pd.DataFrame({"drop_mean": g.mean(), "drop_std": g.std(ddof=1).fillna(0.0), "n_seeds": g.size()})
+    return out.reset_index()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# (c) gradient level: variance of the noisy clipped gradient with and without quantized GEMMs.
+
+
+def gradient_variance(
+    *,
+    recipe: str = "fp4",
+    noise_multipliers: Sequence[float] = (0.0, 0.5, 1.0, 2.0),
+    model: str = "mlp",
+    dataset: str = "digits",
+    batch_size: int = 64,
+    clip: float = 1.0,
+    lr: float = 0.5,
+    warm_steps: int = 20,
+    trials: int = 8,
+    seed: int = 0,
+) -> "Any":
+    """Variance of the DP gradient with and without quantized GEMMs, after noisy training steps.
+
+    For each noise multiplier sigma: start from the same initial weights, take ``warm_steps`` full-precision
+    DP-SGD steps (clip ``clip``, noise N(0, (sigma C)^2), learning rate ``lr``) so that the model state
+    carries the noise, then on a fixed batch compute per-sample gradients (Opacus GradSampleModule over our
+    quantized layers) in full precision and with every layer quantized by ``recipe`` (``trials`` independent
+    stochastic-rounding draws), clip each and sum. Per sigma we report (per coordinate, averaged over the
+    d parameters, in units of gradient^2, for the averaged gradient sum/B):
+
+    - ``quant_var``: variance across trials of the quantized clipped gradient (the variance quantization adds),
+    - ``quant_bias2``: squared distance of its mean from the full-precision clipped gradient,
+    - ``noise_var``: the DP noise variance (sigma C / B)^2 added to both,
+    - ``signal``: ||full-precision clipped gradient||^2 / d,
+    - ``quant_rel``: (quant_var + quant_bias2) / signal, the quantization error relative to the signal.
+
+    Requires the nn and training packages (QLinear/QConv2d with grad samplers).
+    """
+    import pandas as pd
+    import torch
+    from opacus import GradSampleModule
+
+    from dpquant_sim.nn import convert as nnconvert
+    from dpquant_sim.training.data import load_dataset
+    from dpquant_sim.training.models import build_model
+
+    bundle = load_dataset(dataset, seed=seed)
+    shape = tuple(bundle.input_shape)
+    c, h = (shape[0], shape[1]) if len(shape) == 3 else (1, shape[-1])
+    torch.manual_seed(seed)
+    net0 = build_model(model, in_channels=c, num_classes=bundle.num_classes, image_size=h)
+    init_state = {k: v.clone() for k, v in net0.state_dict().items()}
+    xs, ys = bundle.train.tensors[0], bundle.train.tensors[1]
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
+    rows = []
+    for sigma in noise_multipliers:
+        net = build_model(model, in_channels=c, num_classes=bundle.num_classes, image_size=h)
+        net.load_state_dict(init_state)
+        net = nnconvert.convert_model(net, seed=seed)
+        layers = nnconvert.quantizable_layers(net)
+        gsm = GradSampleModule(net)
+        params = [p for p in gsm.parameters() if p.requires_grad]
+        gen = torch.Generator().manual_seed(seed + 1)
+
+        def clipped_sum(xb, yb, quantized: bool, gen_seed: int = 0) -> torch.Tensor:
+            nnconvert.apply_plan(net, {name: (recipe if quantized else None) for name in layers}, dp=True)
+            if quantized:
+                for mod in net.modules():
+                    if hasattr(mod, "qconfig") and hasattr(mod, "generator"):
+                        mod.generator = torch.Generator().manual_seed(gen_seed)
+            gsm.zero_grad(set_to_none=True)
+            loss_fn(gsm(xb), yb).backward()
+            per = torch.cat([p.grad_sample.reshape(xb.shape[0], -1) for p in params], 1)
+            for p in params:
+                p.grad_sample = None
+                p.grad = None
+            factor = torch.clamp(clip / (per.norm(dim=1, keepdim=True) + 1e-6), max=1.0)
+            return (per * factor).sum(0).detach()
+
+        for step in range(warm_steps):
+            idx = torch.randint(0, xs.shape[0], (batch_size,), generator=gen)
+            g = clipped_sum(xs[idx], ys[idx], False)
+            g = (g + torch.randn(g.shape, generator=gen) * sigma * clip) / batch_size
+            with torch.no_grad():
+                off = 0
+                for p in params:
+                    p -= lr * g[off : off + p.numel()].view_as(p)
+                    off += p.numel()
+        xb, yb = xs[:batch_size], ys[:batch_size]
+        fp = clipped_sum(xb, yb, False) / batch_size
+        qs = torch.stack([clipped_sum(xb, yb, True, 1000 + t) for t in range(trials)]) / batch_size
+        quant_var = qs.var(dim=0, unbiased=True).mean().item() if trials > 1 else float("nan")
+        bias2 = (qs.mean(0) - fp).pow(2).mean().item()
+        signal = fp.pow(2).mean().item()
+        noise_var = (sigma * clip / batch_size) ** 2
+        rows.append(
+            {
+                "recipe": recipe,
+                "model": model,
+                "dataset": dataset,
+                "noise_multiplier": float(sigma),
+                "warm_steps": warm_steps,
+                "quant_var": quant_var,
+                "quant_bias2": bias2,
+                "noise_var": noise_var,
+                "signal": signal,
+                "quant_rel": (quant_var + bias2) / signal if signal > 0 else float("nan"),
+                "total_var_fp": noise_var,
+                "total_var_q": noise_var + quant_var,
+            }
+        )
+    return pd.DataFrame(rows)

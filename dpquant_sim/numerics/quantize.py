@@ -1,0 +1,274 @@
+"""Bit-exact element quantization of float32 tensors to a low-precision format (fake quantization).
+
+The kernel works on the float32 bit pattern (viewed as int32) with integer ops only, so it is exact and
+deterministic on any CPU (no dependence on flush-to-zero modes), and it fuses into one loop under
+``torch.compile``:
+
+* normal range of the target (|x| >= min_normal): round the float32 bit pattern at bit ``23 - mbits``
+  (round half to even adds ``half - 1 + lsb``; stochastic adds uniform random low bits), carries ripple into
+  the exponent exactly as the value does;
+* subnormal range (|x| < min_normal): take the 24-bit significand ``M`` and shift it right by its distance to
+  the subnormal quantum ``2^(emin - mbits)``, rounding the same way, then rebuild ``k * quantum``;
+* overflow: any result above ``max`` becomes ``max`` (saturate), ``inf`` (IEEE formats with inf: fp8_e5m2,
+  fp16, bf16) or NaN (fp8_e4m3, which has no inf); fp6/fp4/log4/int always saturate. ``+-inf`` input is an
+  overflow like any other. NaN input stays NaN (the same NaN), -0 stays -0.
+
+Integer formats reuse the same kernel: an n-bit symmetric int is a "float" with ``mbits = n - 1`` whose
+subnormal grid (quantum 2^0 = 1) is the integers below 2^(n-1), clamped to +-(2^(n-1) - 1).
+
+Stochastic rounding rounds away from zero with probability (|x| - lo) / (hi - lo), exactly up to the
+quality of 31 random bits per element (the distance to ``lo`` is compared with 23..30 of them; below 2^-7 of
+the smallest subnormal only the top 30 bits of the distance count: bias < 2^-30 of a quantum). The bits
+come from a counter-based hash of the element's flat index and two 32-bit seed words drawn from the
+caller's ``torch.Generator`` (so: the same generator state gives the same result, the generator advances on
+every call, eager and compiled agree bit for bit, and the RNG fuses into the kernel).
+
+Example:
+    >>> import torch
+    >>> quantize(torch.tensor([0.3, 500.0, -1e-3]), "fp8_e4m3").tolist()
+    [0.3125, 448.0, -0.001953125]
+    >>> quantize(torch.tensor([500.0]), "fp8_e4m3", overflow="ieee").isnan().item()
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+from dpquant_sim.errors import ConfigError, check_choice
+from dpquant_sim.numerics.formats import FloatFormat, Format, IntFormat, get_format
+
+ROUNDINGS = ("nearest", "stochastic")
+OVERFLOWS = ("saturate", "ieee")
+BACKENDS = ("torch", "compiled", "qtorch")
+
+_SIGN = -(1 << 31)  # 0x80000000 as int32
+_ABS = 0x7FFFFFFF
+_INF = 0x7F800000
+_QNAN = 0x7FC00000
+_MANT = 0x007FFFFF
+_HIDDEN = 0x00800000
+
+
+def _overflow_code(fmt: Format, overflow: str) -> int:
+    """0: saturate to max, 1: overflow to inf, 2: overflow to NaN."""
+    if overflow == "saturate" or fmt.saturate_only:
+        return 0
+    return 1 if fmt.has_inf else 2
+
+
+def _params(fmt: Format) -> tuple[int, int, int, int]:
+    """(mbits, emin_f = emin + 127, max_bits, q_sub_exp = emin - mbits) of a format, as Python ints."""
+    mbits = fmt.mbits
+    emin = fmt.emin
+    return mbits, emin + 127, fmt.max_bits, emin - mbits
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finalizer hash (hash-prospector's [16 21f0aaad 15 735a2d97 15], bias ~0.02).
+
+    Computed in int64 with both multipliers < 2^31 so no product can overflow (no UB when compiled).
+    """
+    h = h ^ (h >> 16)
+    h = (h * 0x21F0AAAD) & _M32
+    h = h ^ (h >> 15)
+    h = (h * 0x735A2D97) & _M32
+    return h ^ (h >> 15)
+
+
+def _random_bits(x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """31 uniform random bits per element (int32 in [0, 2^31)) from the flat index and two 32-bit seed words.
+
+    Counter-based (like Philox): element i gets mix(mix(i + s0) ^ s1), so the bits depend only on the seed and
+    the position, and the whole thing fuses into the quantize loop under torch.compile.
+    """
+    idx = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
+    h = _mix32(_mix32((idx + seed[0]) & _M32) ^ seed[1])
+    return (h >> 1).to(torch.int32)
+
+
+def _kernel(
+    x: torch.Tensor,
+    seed: torch.Tensor | None,
+    mbits: int,
+    emin_f: int,
+    max_bits: int,
+    qsub_exp: int,
+    ovf: int,
+) -> torch.Tensor:
+    """Quantize float32 ``x`` (any shape) elementwise; ``seed`` (2 int64 words) selects stochastic rounding.
+
+    Pure tensor ops on int32 views (no Python branching on data), so it runs eagerly and under torch.compile.
+    """
+    rnd = None if seed is None else _random_bits(x, seed)
+    bits = x.view(torch.int32)
+    sign = bits & _SIGN
+    a_raw = bits & _ABS
+    a = torch.clamp_max(a_raw, _INF)  # NaN payloads -> inf pattern so the adds below cannot overflow int32
+    e = a >> 23  # biased float32 exponent, 0..255
+    s = 23 - mbits  # bits dropped in the target's normal range
+    low = (1 << s) - 1
+    keep = -(1 << s)  # ~low (two's complement), spelled so torch.compile traces it
+
+    # normal range of the target: round the whole bit pattern at bit s
+    if rnd is None:
+        rn = (a + (((1 << s) >> 1) - 1) + ((a >> s) & 1)) & keep
+    else:
+        rn = (a + (rnd & low)) & keep
+
+    # subnormal range of the target: value = M * 2^(e_eff - 150); quantum = 2^(qsub_exp)
+    e_eff = torch.clamp_min(e, 1)
+    m_full = torch.where(e > 0, (a & _MANT) | _HIDDEN, a)
+    sh = (23 - mbits + emin_f) - e_eff  # >= 24 - mbits where e < emin_f
+    if rnd is None:
+        sh = torch.clamp(sh, 1, 25)  # beyond 25 the value is < half a quantum: rounds to 0 either way
+        k = (m_full + ((1 << sh) >> 1) - 1 + ((m_full >> sh) & 1)) >> sh
+    else:
+        pre = torch.clamp(sh - 30, 0, 31)  # keep at most 30 fraction bits (documented bias < 2^-30 quantum)
+        sh = torch.clamp(sh, 1, 30)
+        k = ((m_full >> pre) + (rnd & ((1 << sh) - 1))) >> sh
+    if qsub_exp + 127 >= 1:  # quantum is a normal float32: k * quantum is exact
+        sub = (k.to(torch.float32) * (2.0**qsub_exp)).view(torch.int32)
+    else:  # bf16: k * 2^-133 is a float32 subnormal; float32 bits are linear there (and at 2^-126)
+        sub = k << (qsub_exp + 127 + 22)
+    r = torch.where(e >= emin_f, rn, sub)
+
+    # overflow (inf input included: its pattern is above max_bits)
+    if ovf == 0:
+        r = torch.clamp_max(r, max_bits)
+    else:
+        r = torch.where(r > max_bits, _INF if ovf == 1 else _QNAN, r)
+    r = torch.where(a_raw > _INF, a_raw, r)  # NaN stays the same NaN
+    return (r | sign).view(torch.float32)
+
+
+_compiled: dict[tuple, Callable] = {}
+_compile_failed = False
+
+
+def _get_compiled(key: tuple) -> Callable | None:
+    """A torch.compile'd kernel for one (format params, rounding, overflow); None if compiling is unavailable.
+
+    Compiles lazily on first use (a few seconds per variant), never at import.
+    """
+    global _compile_failed
+    if _compile_failed:
+        return None
+    fn = _compiled.get(key)
+    if fn is None:
+        mbits, emin_f, max_bits, qsub_exp, ovf, stochastic = key
+
+        # A fresh closure per variant so that each keeps its own compile cache (constants stay constants).
+        def variant(x: torch.Tensor, seed: torch.Tensor | None) -> torch.Tensor:
+            return _kernel(x, seed, mbits, emin_f, max_bits, qsub_exp, ovf)  # format params stay constants
+
+        variant.__code__ = variant.__code__.replace(co_name=f"quantize_{mbits}_{emin_f}_{ovf}_{int(stochastic)}")
+        fn = torch.compile(variant, fullgraph=True)
+        _compiled[key] = fn
+    return fn
+
+
+_DEFAULT_BACKEND = os.environ.get("DPQUANT_QUANT_BACKEND", "torch")
+
+
+def set_default_backend(backend: str) -> None:
+    """Backend used when ``quantize(..., backend=None)``: "torch" (eager), "compiled" or "qtorch".
+
+    The env var ``DPQUANT_QUANT_BACKEND`` sets the initial default. "compiled" gives identical bits, about
+    5-10x faster on large tensors after a one-off compile of a few seconds per (format, rounding, overflow).
+    """
+    global _DEFAULT_BACKEND
+    check_choice("backend", backend, BACKENDS)
+    _DEFAULT_BACKEND = backend
+
+
+def _check_tensor(x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ConfigError("x", type(x).__name__, "a floating-point torch.Tensor")
+    if not x.is_floating_point():
+        raise ConfigError("x", f"tensor of dtype {x.dtype}", "a floating-point tensor (float32, float16, bfloat16, float64)")
+    return x
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: "str | Format",
+    *,
+    rounding: str = "nearest",
+    overflow: str = "saturate",
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Round every element of ``x`` to the nearest representable value of ``fmt`` (fake quantization).
+
+    Args:
+        x: floating-point tensor (any shape; other float dtypes are first converted to float32, so float64
+            input is rounded twice). For int formats, values already on the integer grid (scaled so that the
+            clipping range maps to +-qmax).
+        fmt: a format name from ``FORMATS`` (e.g. "fp8_e4m3") or a format object.
+        rounding: "nearest" (round half to even) or "stochastic" (unbiased, drawn from ``generator``).
+        overflow: "saturate" (|results| above max, and +-inf, become +-max; the default, as hardware casts with
+            satfinite) or "ieee" (fp8_e5m2/fp16/bf16 -> +-inf, fp8_e4m3 -> NaN, as ml_dtypes casts). fp6, fp4,
+            log4 and int formats have no inf/NaN codes and always saturate.
+        generator: required for stochastic rounding (determinism: same generator state, same result).
+        backend: "torch" (eager int32 bit ops), "compiled" (the same kernel under torch.compile; falls back
+            to eager with a warning if compilation is unavailable), "qtorch" (the qtorch package, with its
+            own conventions; see qtorch_backend.py) or None for the default (``set_default_backend``).
+
+    Returns:
+        float32 tensor of ``x``'s shape whose every value is representable in ``fmt`` (or NaN / +-inf as above).
+
+    Raises:
+        ConfigError (ValueError) naming the argument for an unknown format/rounding/overflow/backend, a
+        non-float ``x``, or stochastic rounding without ``generator``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> y = quantize(torch.full((1000,), 1.1), "fp4_e2m1", rounding="stochastic", generator=g)
+        >>> sorted(set(y.tolist()))
+        [1.0, 1.5]
+    """
+    x = _check_tensor(x)
+    f = get_format(fmt)
+    check_choice("rounding", rounding, ROUNDINGS)
+    check_choice("overflow", overflow, OVERFLOWS)
+    backend = _DEFAULT_BACKEND if backend is None else backend
+    check_choice("backend", backend, BACKENDS)
+    if rounding == "stochastic" and not isinstance(generator, torch.Generator):
+        raise ConfigError(
+            "generator", generator, "a torch.Generator when rounding='stochastic' (results must be reproducible)"
+        )
+    if backend == "qtorch":
+        from dpquant_sim.numerics.qtorch_backend import qtorch_quantize
+
+        return qtorch_quantize(x, f, rounding=rounding)
+
+    if x.dtype != torch.float32:
+        x = x.to(torch.float32)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    seed = None
+    if rounding == "stochastic":  # two 32-bit words from the caller's generator; the bits come from a hash
+        seed = torch.randint(0, 1 << 32, (2,), generator=generator, dtype=torch.int64, device=generator.device)
+        seed = seed.to(x.device)
+    mbits, emin_f, max_bits, qsub_exp = _params(f)
+    ovf = _overflow_code(f, overflow)
+    if backend == "compiled" and x.numel() > 0:
+        fn = _get_compiled((mbits, emin_f, max_bits, qsub_exp, ovf, seed is not None))
+        if fn is not None:
+            try:
+                xf = x.reshape(-1)  # one 1-d kernel for every shape; its length is the only dynamic size
+                torch._dynamo.maybe_mark_dynamic(xf, 0)
+                return fn(xf, seed).reshape(x.shape)
+            except Exception as exc:  # no C++ compiler, unsupported platform...: stay correct, just slower
+                global _compile_failed
+                _compile_failed = True
+                warnings.warn(f"torch.compile fast path unavailable ({type(exc).__name__}: {exc}); using eager")
+    return _kernel(x, seed, mbits, emin_f, max_bits, qsub_exp, ovf)

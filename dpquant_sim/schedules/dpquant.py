@@ -1,0 +1,285 @@
+"""DPQuant: probabilistic layer rotation weighted by a differentially private loss-sensitivity estimate.
+
+Every ``interval`` epochs (epoch 0 included) the estimator runs once (DESIGN.md section 1):
+
+1. ``d, n_exp = ctx.loss_deltas(layer_names, q, generator)``: per-example loss deltas d[i, l] =
+   loss(x_i; only layer l quantized) - loss(x_i; full precision) on a Poisson sample (rate q) of the private
+   training set, n_exp = q * N its expected size (see ``dpquant_sim.training.sensitivity``).
+2. Clip each example's L-vector to L2 norm C: d_i * min(1, C / ||d_i||); sum over examples. Adding or removing
+   one example changes the sum by at most C in L2, so the Gaussian noise below gives a subsampled Gaussian
+   mechanism with noise multiplier sigma and sample rate q (one "step" per estimate).
+3. Add N(0, sigma^2 C^2 I_L) (private runs only) and divide by n_exp: the raw estimate r_l.
+4. EMA: s <- ema * s + (1 - ema) * r (the first estimate initialises s).
+5. Register the mechanism: ``ctx.ledger.add_mechanism("dpquant-estimator", sigma, q, steps=1)``.
+
+Every epoch, from the current smoothed scores s:
+
+- normalise (``score_scale``): ``'std'`` (default) z_l = (s_l - mean s) / max(std s, sigma C / n_exp), so
+  the temperature is in units of the spread between layers (loss deltas are small numbers, 1e-3..1, whose
+  scale depends on model, data and format; a raw softmax(-s/1) would be almost uniform); the floor at the
+  noise's standard deviation keeps pure noise from being blown up into strong preferences. ``'clip'``
+  divides by C, ``'none'`` uses s as is.
+- p_l = (1 - u) softmax(-z_l / tau) + u / L (u > 0: every layer keeps rotating; p_l >= u / L).
+- inclusion probabilities pi_l = min(1, c p_l) meeting the budget exactly in expectation
+  (``budget.inclusion_probabilities``), and the set drawn by systematic sampling (``budget.draw_subset``).
+
+The plan records ``scores`` (smoothed, un-normalised loss deltas), ``probs`` (pi_l: the probability that
+layer l is quantized this epoch), and in ``info`` the sampling weights p_l, the expected/realised shares,
+whether this epoch estimated, the estimator's expected sample size q*N (never the realised size: that is
+data), and its own epsilon so far (the ledger's ``breakdown()``, else opacus RDP at the ledger's delta) beside the
+ledger's total.
+
+Non-private runs (``ctx.private=False``): no noise, no accounting. A private run with noise_multiplier 0, or
+without a ledger, is refused (DPSafetyError): the estimator reads private data.
+
+>>> import numpy as np, torch
+>>> from dpquant_sim.schedules.base import LayerInfo, ScheduleContext
+>>> from dpquant_sim.schedules.configs import DPQuantConfig
+>>> def deltas(names, q, g):   # layer "b" is fragile
+...     d = torch.tensor([[0.01, 0.5, 0.02]]).repeat(50, 1)
+...     return d, 50.0
+>>> s = DPQuantSchedule(DPQuantConfig(budget=0.5, budget_unit="layers"))
+>>> ctx = ScheduleContext(0, 4, [LayerInfo(n, 100) for n in "abc"], "fp4", np.random.default_rng(0),
+...                       private=False, loss_deltas=deltas)
+>>> p = s.plan(ctx).probs
+>>> p["b"] < min(p["a"], p["c"])
+True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from dpquant_sim.errors import ConfigError, DPSafetyError
+from dpquant_sim.plan import EpochPlan
+from dpquant_sim.schedules.base import ScheduleContext
+from dpquant_sim.schedules.budget import (
+    build_plan, draw_subset, expected_share, inclusion_probabilities, layer_sizes, realized_share,
+)
+from dpquant_sim.schedules.configs import DPQuantConfig
+from dpquant_sim.schedules.random_rotation import OwnRng
+from dpquant_sim.schedules.registry import register_schedule
+
+MECHANISM_NAME = "dpquant-estimator"
+DEFAULT_DELTA = 1e-5
+
+
+def clipped_sum(d: torch.Tensor, clip: float) -> torch.Tensor:
+    """Sum over examples of each row of ``d`` [n, L] clipped to L2 norm ``clip`` (float64).
+
+    One example changes the result by at most ``clip`` in L2 norm (its clipped row).
+
+    >>> [round(v, 6) for v in clipped_sum(torch.tensor([[3.0, 4.0], [0.3, 0.4]]), 1.0).tolist()]
+    [0.9, 1.2]
+    """
+    d = torch.as_tensor(d).detach().to("cpu", torch.float64)
+    if d.ndim != 2:
+        raise ConfigError("loss_deltas", tuple(d.shape), "a [n_examples, n_layers] tensor")
+    if not torch.isfinite(d).all():
+        # A NaN/inf loss (e.g. a quantized layer overflowing) must not poison the sum: treat it as the
+        # largest allowed delta in that coordinate; clipping below bounds its influence anyway.
+        d = torch.nan_to_num(d, nan=clip, posinf=clip, neginf=-clip)
+    norms = d.norm(dim=1, keepdim=True)
+    factor = torch.clamp(clip / torch.clamp(norms, min=1e-300), max=1.0)
+    return (d * factor).sum(dim=0)
+
+
+def sampling_weights(
+    scores: Sequence[float], *, temperature: float, uniform_mix: float, scale: float
+) -> np.ndarray:
+    """p_l = (1 - u) softmax(-(s_l - mean s) / (scale * tau)) + u / L (float64, sums to 1).
+
+    >>> sampling_weights([0.0, 0.0], temperature=1.0, uniform_mix=0.2, scale=1.0).tolist()
+    [0.5, 0.5]
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    L = s.size
+    if scale <= 0 or not np.isfinite(scale):
+        z = np.zeros(L)
+    else:
+        z = (s - s.mean()) / scale
+    logits = -z / temperature
+    logits -= logits.max()
+    e = np.exp(logits)
+    soft = e / e.sum()
+    return (1.0 - uniform_mix) * soft + uniform_mix / L
+
+
+def num_estimates(epochs: int, interval: int) -> int:
+    """Estimates in a run of ``epochs`` epochs: at epochs 0, R, 2R, ... (= ceil(epochs / R))."""
+    return -(-int(epochs) // int(interval)) if epochs > 0 else 0
+
+
+def estimator_epsilon(noise_multiplier: float, sample_rate: float, estimates: int, delta: float) -> float:
+    """Epsilon of the estimator alone (opacus RDP accountant) after ``estimates`` runs; 0 if none."""
+    if estimates <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history.append((float(noise_multiplier), float(sample_rate), int(estimates)))
+    return float(acc.get_epsilon(delta))
+
+
+@register_schedule("dpquant")
+class DPQuantSchedule(OwnRng):
+    """DPQuant schedule (see the module docstring for the exact estimator and sampling rule)."""
+
+    def __init__(self, cfg: DPQuantConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.scores: dict[str, float] | None = None  # EMA-smoothed estimates, by layer name
+        self.estimates = 0  # number of estimator runs so far (each one accounted mechanism in private runs)
+        self.last_estimate_epoch: int | None = None
+        self.sample_size: int | None = None
+        self.expected_size: float | None = None
+
+    # --- privacy -------------------------------------------------------------------------------------
+    def planned_mechanisms(
+        self, epochs: int, steps_per_epoch: int = 0, *, private: bool = True
+    ) -> list[tuple[str, float, float, int]]:
+        """Mechanisms the run will add to its ledger: [(name, noise_multiplier, sample_rate, steps)].
+
+        The engine composes these with DP-SGD's steps when it calibrates the training noise to a target
+        epsilon. ``steps_per_epoch`` is accepted for a uniform signature; warm-up steps
+        (``cfg.warmup_steps``), if the engine runs any, are DP-SGD steps it accounts itself.
+
+        >>> DPQuantSchedule(DPQuantConfig(interval=2)).planned_mechanisms(5)
+        [('dpquant-estimator', 1.0, 0.05, 3)]
+        """
+        if not private:
+            return []
+        self._check_private_noise()
+        n = num_estimates(epochs, self.cfg.interval)
+        return [(MECHANISM_NAME, float(self.cfg.noise_multiplier), float(self.cfg.sample_rate), n)] if n else []
+
+    def _check_private_noise(self) -> None:
+        if self.cfg.noise_multiplier <= 0:
+            raise DPSafetyError(
+                "dpquant: the sensitivity estimator reads private training data, so a private run needs "
+                f"schedule.noise_multiplier > 0 (got {self.cfg.noise_multiplier}); set it (default 1.0) or "
+                "run without DP."
+            )
+
+    # --- estimation ----------------------------------------------------------------------------------
+    def _estimate(self, ctx: ScheduleContext, names: list[str], rng: np.random.Generator) -> None:
+        cfg = self.cfg
+        if ctx.loss_deltas is None:
+            raise ConfigError(
+                "ScheduleContext.loss_deltas", None,
+                "a LossDeltaFn (dpquant_sim.training.sensitivity.make_loss_delta_fn) for schedule 'dpquant'",
+            )
+        if ctx.private:
+            self._check_private_noise()
+            if ctx.ledger is None:
+                raise DPSafetyError(
+                    "dpquant: a private run must pass its PrivacyLedger in ScheduleContext.ledger so the "
+                    "estimator's use of private data is accounted."
+                )
+        sample_gen = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
+        noise_gen = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
+        d, n_exp = ctx.loss_deltas(names, cfg.sample_rate, sample_gen)
+        d = torch.as_tensor(d)
+        if d.ndim != 2 or d.shape[1] != len(names):
+            raise ConfigError("loss_deltas", tuple(d.shape), f"a [n_examples, {len(names)}] tensor")
+        if not n_exp or n_exp <= 0:
+            raise ConfigError("n_expected", n_exp, "the expected sample size q * N > 0")
+        total = clipped_sum(d, cfg.clip)
+        if ctx.private:
+            noise = torch.normal(0.0, cfg.noise_multiplier * cfg.clip, size=(len(names),), generator=noise_gen,
+                                 dtype=torch.float64)
+            total = total + noise
+            ctx.ledger.add_mechanism(MECHANISM_NAME, cfg.noise_multiplier, cfg.sample_rate, steps=1)
+        raw = (total / float(n_exp)).tolist()
+        if self.scores is None or set(self.scores) != set(names):
+            self.scores = dict(zip(names, raw))
+        else:
+            a = cfg.ema
+            self.scores = {n: a * self.scores[n] + (1 - a) * r for n, r in zip(names, raw)}
+        self.estimates += 1
+        self.last_estimate_epoch = ctx.epoch
+        self.sample_size = int(d.shape[0])
+        self.expected_size = float(n_exp)
+
+    def _scale(self, s: np.ndarray, private: bool) -> float:
+        mode = self.cfg.score_scale
+        if mode == "none":
+            return 1.0
+        if mode == "clip":
+            return float(self.cfg.clip)
+        noise_sd = 0.0
+        if private and self.expected_size:
+            noise_sd = self.cfg.noise_multiplier * self.cfg.clip / self.expected_size
+        return float(max(s.std(), noise_sd))
+
+    # --- planning ------------------------------------------------------------------------------------
+    def plan(self, ctx: ScheduleContext) -> EpochPlan:
+        cfg = self.cfg
+        names = [layer.name for layer in ctx.layers]
+        rng = self.rng(ctx)
+        estimated = False
+        if names and (ctx.epoch % cfg.interval == 0 or self.scores is None or set(self.scores) != set(names)):
+            self._estimate(ctx, names, rng)
+            estimated = True
+        sizes = layer_sizes([layer.flops for layer in ctx.layers], cfg.budget_unit) if names else np.zeros(0)
+        s = np.array([self.scores[n] for n in names]) if names else np.zeros(0)
+        weights = sampling_weights(s, temperature=cfg.temperature, uniform_mix=cfg.uniform_mix,
+                                   scale=self._scale(s, ctx.private)) if names else np.zeros(0)
+        pi = inclusion_probabilities(weights, sizes, cfg.budget) if names else np.zeros(0)
+        mask = draw_subset(pi, rng) if names else np.zeros(0, dtype=bool)
+        info: dict[str, Any] = {
+            "schedule": "dpquant",
+            "budget": cfg.budget,
+            "budget_unit": cfg.budget_unit,
+            "estimated": estimated,
+            "estimates": self.estimates,
+            # the expected size q*N only: the realised Poisson sample size is not released (it is data)
+            "estimator_expected_size": self.expected_size,
+            "sampling_weights": {n: float(w) for n, w in zip(names, weights)},
+            "expected_share": expected_share(pi, sizes) if names else 0.0,
+            "realized_share": realized_share(mask, sizes) if names else 0.0,
+        }
+        if ctx.private:
+            delta = getattr(ctx.ledger, "delta", None) or ctx.extra.get("delta", DEFAULT_DELTA)
+            eps_est = None
+            breakdown = getattr(ctx.ledger, "breakdown", None)
+            if callable(breakdown):  # the ledger's own accountant (RDP or PRV), estimator alone
+                eps_est = breakdown().get(MECHANISM_NAME)
+            if eps_est is None:
+                eps_est = estimator_epsilon(cfg.noise_multiplier, cfg.sample_rate, self.estimates, float(delta))
+            info["estimator_epsilon"] = float(eps_est)
+            info["estimator_delta"] = float(delta)
+            try:
+                info["epsilon_total"] = float(ctx.ledger.epsilon())
+            except Exception:  # a ledger without DP-SGD steps yet may refuse; the total is optional here
+                pass
+        else:
+            info["estimator_epsilon"] = 0.0
+        return build_plan(ctx, mask, scores=dict(self.scores or {}), probs={n: float(p) for n, p in zip(names, pi)},
+                          info=info)
+
+    # --- resume --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rng": self.rng_state(),
+            "scores": None if self.scores is None else dict(self.scores),
+            "estimates": self.estimates,
+            "last_estimate_epoch": self.last_estimate_epoch,
+            "sample_size": self.sample_size,
+            "expected_size": self.expected_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_rng_state(state.get("rng"))
+        sc = state.get("scores")
+        self.scores = None if sc is None else {str(k): float(v) for k, v in sc.items()}
+        self.estimates = int(state.get("estimates", 0))
+        self.last_estimate_epoch = state.get("last_estimate_epoch")
+        self.sample_size = state.get("sample_size")
+        self.expected_size = state.get("expected_size")

@@ -1,0 +1,77 @@
+"""Random rotation: each epoch a uniformly random subset meeting the budget (no priorities).
+
+Every layer gets inclusion probability pi_l = b (the capped-proportional rule of ``budget`` with uniform
+weights), drawn by randomized systematic sampling, so the expected quantized share is exactly b in either
+budget unit, and with ``budget_unit='layers'`` and integer b*L the set is a uniform random b*L-subset.
+
+The schedule owns its random stream (seeded from ``ctx.rng`` on the first call and kept in
+``state_dict``) so a resumed run draws the same sets.
+
+>>> import numpy as np
+>>> from dpquant_sim.schedules.base import LayerInfo, ScheduleContext
+>>> from dpquant_sim.schedules.configs import RandomConfig
+>>> layers = [LayerInfo(f"l{i}", 100) for i in range(4)]
+>>> s = RandomRotationSchedule(RandomConfig(budget=0.5, budget_unit="layers"))
+>>> len(s.plan(ScheduleContext(0, 1, layers, "fp8", np.random.default_rng(1))).quantized)
+2
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from dpquant_sim.plan import EpochPlan
+from dpquant_sim.schedules.base import ScheduleContext
+from dpquant_sim.schedules.budget import (
+    build_plan, draw_subset, expected_share, inclusion_probabilities, layer_sizes, realized_share,
+)
+from dpquant_sim.schedules.configs import RandomConfig
+from dpquant_sim.schedules.registry import register_schedule
+
+
+class OwnRng:
+    """A numpy Generator seeded once from the context's RNG, whose state travels in state_dict."""
+
+    def __init__(self) -> None:
+        self._rng: np.random.Generator | None = None
+
+    def rng(self, ctx: ScheduleContext) -> np.random.Generator:
+        if self._rng is None:
+            self._rng = np.random.default_rng(int(ctx.rng.integers(0, 2**63 - 1)))
+        return self._rng
+
+    def rng_state(self) -> dict[str, Any] | None:
+        return None if self._rng is None else self._rng.bit_generator.state
+
+    def load_rng_state(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            self._rng = None
+            return
+        self._rng = np.random.default_rng()
+        self._rng.bit_generator.state = state
+
+
+@register_schedule("random")
+class RandomRotationSchedule(OwnRng):
+    """Uniform probabilistic rotation: pi_l = b for every layer."""
+
+    def __init__(self, cfg: RandomConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def plan(self, ctx: ScheduleContext) -> EpochPlan:
+        names = [layer.name for layer in ctx.layers]
+        sizes = layer_sizes([layer.flops for layer in ctx.layers], self.cfg.budget_unit)
+        pi = inclusion_probabilities(np.ones(len(names)), sizes, self.cfg.budget)
+        mask = draw_subset(pi, self.rng(ctx))
+        info = {"schedule": "random", "budget": self.cfg.budget, "budget_unit": self.cfg.budget_unit,
+                "expected_share": expected_share(pi, sizes), "realized_share": realized_share(mask, sizes)}
+        return build_plan(ctx, mask, probs={n: float(p) for n, p in zip(names, pi)}, info=info)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_rng_state(state.get("rng"))

@@ -1,0 +1,151 @@
+"""Collect a sweep folder into one tidy table: one row per (run, epoch, accelerator).
+
+Columns: the point's descriptive columns (``point_id``, ``label``, dataset, model, recipe, schedule_kind,
+budget, seed, target_epsilon, ...), every column of the run's metrics.csv (epoch, test_acc, epsilon,
+noise_multiplier, plan, ...), and the cost model's columns for that epoch on that accelerator
+(``dpquant_sim.cost.run.cost_run``; a cost column whose name clashes with a metrics column gets the suffix
+``_cost``). Written atomically as ``results.csv`` and ``results.parquet``.
+
+>>> # df = collect_sweep("runs/tiny")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from dpquant_sim.io import atomic_write_df
+
+TABLE_CSV = "results.csv"
+TABLE_PARQUET = "results.parquet"
+
+
+def _resolve_profiles(accelerators: Any) -> list[Any]:
+    """Profile objects for 'all' or a list of names (empty when the cost model is unavailable)."""
+    from dpquant_sim.cost.profiles import get_profile, load_profiles
+
+    if accelerators is None or accelerators == "all":
+        profiles = load_profiles()
+        return list(profiles.values()) if isinstance(profiles, dict) else list(profiles)
+    return [get_profile(a) for a in accelerators]
+
+
+def _points_frame(out_dir: Path, points: Sequence[Any] | None) -> pd.DataFrame:
+    if points is not None:
+        return pd.DataFrame([{**p.params(), "label": p.label} for p in points])
+    idx = out_dir / "points.csv"
+    if idx.is_file():
+        return pd.read_csv(idx)
+    # A bare folder of run dirs (e.g. a demo): describe each from its config.yaml.
+    rows = []
+    for rd in sorted((out_dir / "runs").glob("*/")):
+        rows.append(_describe_run_dir(rd))
+    return pd.DataFrame(rows)
+
+
+def _describe_run_dir(rd: Path) -> dict[str, Any]:
+    from dpquant_sim.sweep.config import SweepPoint
+    from dpquant_sim.training.config import TrainConfig
+
+    import yaml
+
+    cfg = TrainConfig.model_validate(yaml.safe_load((rd / "config.yaml").read_text()))
+    p = SweepPoint(id=rd.name, config=cfg)
+    return {**p.params(), "label": p.label}
+
+
+def run_table(run_dir: Path, profiles: Sequence[Any]) -> pd.DataFrame:
+    """metrics.csv of one run joined with its cost per accelerator (one row per epoch x accelerator)."""
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    if not profiles:
+        return metrics
+    from dpquant_sim.cost.run import cost_run
+
+    cost = cost_run(run_dir, profiles)
+    if "accelerator" not in cost.columns:
+        for alt in ("profile", "hardware", "name"):
+            if alt in cost.columns:
+                cost = cost.rename(columns={alt: "accelerator"})
+                break
+    if "epoch" not in cost.columns:  # whole-run cost: broadcast over epochs
+        return metrics.merge(cost, how="cross", suffixes=("", "_cost"))
+    return metrics.merge(cost, on="epoch", how="left", suffixes=("", "_cost"))
+
+
+def collect_sweep(
+    out_dir: str | Path,
+    *,
+    accelerators: Any = "all",
+    points: Sequence[Any] | None = None,
+    include_partial: bool = False,
+    write: bool = True,
+) -> pd.DataFrame:
+    """Build (and by default write) the tidy table of a sweep folder.
+
+    Args:
+        out_dir: the sweep (or demo) folder holding ``runs/<id>/``.
+        accelerators: "all" or profile names to cost on; None or [] skips costing.
+        points: the sweep's points (default: ``points.csv``, else every run dir's config.yaml).
+        include_partial: also include runs without summary.json (their finished epochs), flagged
+            ``complete=False``.
+        write: write ``results.csv`` and ``results.parquet`` atomically.
+    """
+    out_dir = Path(out_dir)
+    pts = _points_frame(out_dir, points)
+    profiles: list[Any] = []
+    if accelerators:
+        try:
+            profiles = _resolve_profiles(accelerators)
+        except ImportError:
+            warnings.warn("dpquant_sim.cost is not available: the table has no accelerator columns", stacklevel=2)
+    frames = []
+    for row in pts.to_dict("records"):
+        rd = out_dir / "runs" / str(row["point_id"])
+        complete = (rd / "summary.json").is_file()
+        if not (rd / "metrics.csv").is_file() or not (complete or include_partial):
+            continue
+        t = run_table(rd, profiles)
+        for k, v in row.items():
+            t.insert(0, k, v) if k not in t.columns else t.__setitem__(f"{k}_point", v)
+        t["complete"] = complete
+        if complete:
+            try:
+                summary = json.loads((rd / "summary.json").read_text())
+                t["wall_s_total"] = summary.get("wall_s", summary.get("wall_s_total"))
+            except (json.JSONDecodeError, OSError):
+                pass
+        frames.append(t)
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(pts.columns) + ["epoch"])
+    # Stable row order: point order of the sweep, then epoch, then accelerator.
+    order = {pid: i for i, pid in enumerate(pts["point_id"])} if len(pts) else {}
+    if len(table):
+        table["_o"] = table["point_id"].map(order)
+        sort_cols = ["_o", "epoch"] + (["accelerator"] if "accelerator" in table.columns else [])
+        table = table.sort_values(sort_cols, kind="stable").drop(columns="_o").reset_index(drop=True)
+    if write:
+        atomic_write_df(out_dir / TABLE_CSV, table)
+        atomic_write_df(out_dir / TABLE_PARQUET, _parquet_safe(table))
+    return table
+
+
+def _parquet_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """Object columns with mixed types (e.g. None and floats) -> strings, so pyarrow can write them."""
+    out = df.copy()
+    for c in out.columns:
+        if out[c].dtype == object:
+            kinds = {type(v) for v in out[c].dropna()}
+            if len(kinds) > 1:
+                out[c] = out[c].map(lambda v: None if v is None else str(v))
+    return out
+
+
+def load_table(out_dir: str | Path) -> pd.DataFrame:
+    """Read a collected table (parquet if present, else CSV)."""
+    out_dir = Path(out_dir)
+    if (out_dir / TABLE_PARQUET).is_file():
+        return pd.read_parquet(out_dir / TABLE_PARQUET)
+    return pd.read_csv(out_dir / TABLE_CSV)

@@ -1,0 +1,159 @@
+"""Executors run a point function over sweep points: a local process pool (default) or Ray.
+
+Both call ``point_fn(config, run_dir)`` for each point and yield ``(point_id, error_or_None)`` as points
+finish, in completion order. A point function must be a picklable top-level callable; it must write its
+results atomically and treat an existing complete run as done (``training.engine.train`` does both), so
+an interrupted sweep never loses or overwrites a finished result.
+
+No cluster code lives here: the local executor is ``concurrent.futures.ProcessPoolExecutor``; the Ray
+executor is plain ``ray.remote`` tasks on whatever ``ray.init(address=...)`` connects to.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from dpquant_sim.errors import ConfigError
+
+PointFn = Callable[[Any, Path], Any]
+Task = tuple[str, Any, Path]  # (point id, TrainConfig, run dir)
+
+
+def _set_threads(n: int) -> None:
+    """Worker initializer: one BLAS/torch thread pool of size n per worker (no oversubscription)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+
+
+def _call(point_fn: PointFn, config: Any, run_dir: Path) -> str | None:
+    """Run one point; return None on success or the formatted traceback (never raises, so one failure
+    cannot take the pool down)."""
+    try:
+        point_fn(config, Path(run_dir))
+        return None
+    except Exception:  # noqa: BLE001 - reported per point by the runner
+        return traceback.format_exc()
+
+
+def run_serial(tasks: Sequence[Task], point_fn: PointFn, *, threads: int = 1) -> Iterator[tuple[str, str | None]]:
+    """Run points one after another in this process (workers=1; easiest to debug)."""
+    _set_threads(threads)
+    for pid, cfg, run_dir in tasks:
+        yield pid, _call(point_fn, cfg, run_dir)
+
+
+def run_local(
+    tasks: Sequence[Task], point_fn: PointFn, *, workers: int, threads: int = 1
+) -> Iterator[tuple[str, str | None]]:
+    """Run points in a ``ProcessPoolExecutor`` of ``workers`` spawned processes, ``threads`` torch threads each.
+
+    On KeyboardInterrupt pending points are cancelled and running workers are terminated; finished runs
+    stay on disk (their writes were atomic) and a rerun picks up from there.
+    """
+    import multiprocessing as mp
+
+    if workers <= 1:
+        yield from run_serial(tasks, point_fn, threads=threads)
+        return
+    # spawn: a fresh interpreter per worker (fork after torch/OpenMP initialised can deadlock).
+    ctx = mp.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_set_threads, initargs=(threads,))
+    futures = {}
+    try:
+        for pid, cfg, run_dir in tasks:
+            futures[pool.submit(_call, point_fn, cfg, run_dir)] = pid
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                try:
+                    err = f.result()
+                except Exception:  # worker crashed (e.g. killed, out of memory)
+                    err = traceback.format_exc()
+                yield futures[f], err
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        # Terminate running workers now instead of waiting for their points to finish.
+        procs = list(getattr(pool, "_processes", {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        raise
+    else:
+        pool.shutdown(wait=True)
+
+
+def ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_ray(
+    tasks: Sequence[Task],
+    point_fn: PointFn,
+    *,
+    workers: int | None = None,
+    threads: int = 1,
+    address: str | None = None,
+) -> Iterator[tuple[str, str | None]]:
+    """Run points as Ray tasks (``num_cpus=threads`` each).
+
+    ``address``: an existing cluster ('auto' or 'ray://head:10001'); None starts a local Ray instance with
+    ``workers`` CPUs (default: all) and shuts it down afterwards. Run directories must be on storage every
+    node sees (a shared filesystem) for results to land in one sweep folder.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "executor", "ray", 'an installed Ray: pip install "dpquant-sim[ray]" (or use --executor local)'
+        ) from None
+    started = False
+    if not ray.is_initialized():
+        kw: dict[str, Any] = {"ignore_reinit_error": True, "include_dashboard": False, "log_to_driver": False}
+        if address:
+            ray.init(address=address, **kw)
+        else:
+            ray.init(num_cpus=workers or os.cpu_count() or 1, **kw)
+        started = True
+    try:
+
+        def _remote(fn, cfg, run_dir, n_threads):
+            _set_threads(n_threads)
+            return _call(fn, cfg, Path(run_dir))
+
+        remote = ray.remote(num_cpus=threads, max_retries=0)(_remote)
+        fn_ref = ray.put(point_fn)
+        refs = {remote.remote(fn_ref, cfg, str(run_dir), threads): pid for pid, cfg, run_dir in tasks}
+        pending = list(refs)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for r in done:
+                    try:
+                        err = ray.get(r)
+                    except Exception:  # task or worker died
+                        err = traceback.format_exc()
+                    yield refs[r], err
+        except BaseException:
+            for r in pending:
+                ray.cancel(r, force=True)
+            raise
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,148 @@
+"""Run a sweep: every point in ``OUT/runs/<id>/``, finished points skipped, then one tidy results table.
+
+Layout of a sweep folder::
+
+    OUT/sweep.yaml        the sweep config as run (rewritten each run; points are keyed by config hash)
+    OUT/points.csv        one row per point: id, label, descriptive columns
+    OUT/runs/<id>/        one training run dir each (config.yaml, metrics.csv, checkpoint.pt, summary.json)
+    OUT/runs/<id>/error.txt   traceback of the last failed attempt (removed when the point later succeeds)
+    OUT/results.csv|.parquet  the tidy table: runs x epochs x accelerators (see collect.py)
+
+>>> # run_sweep(SweepConfig.from_yaml("analysis/sweeps/tiny.yaml"), "runs/tiny")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from dpquant_sim.errors import ConfigError, check_choice
+from dpquant_sim.io import atomic_write_df, atomic_write_text
+from dpquant_sim.sweep.config import SweepConfig, SweepPoint
+from dpquant_sim.sweep.executors import PointFn, run_local, run_ray, run_serial
+
+
+def train_point(config: Any, run_dir: Path) -> None:
+    """Default point function: ``training.engine.train`` (which resumes an interrupted run itself)."""
+    from dpquant_sim.training.engine import train
+
+    train(config, run_dir, progress=False)
+
+
+def is_done(run_dir: Path) -> bool:
+    """A point is finished when its run dir holds summary.json (written last, atomically)."""
+    return (Path(run_dir) / "summary.json").is_file()
+
+
+@dataclass
+class SweepResult:
+    """What a sweep run did."""
+
+    out_dir: Path
+    points: list[SweepPoint]
+    skipped: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    table: pd.DataFrame | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def write_index(cfg: SweepConfig, points: list[SweepPoint], out_dir: Path) -> None:
+    """Write sweep.yaml and points.csv (atomic)."""
+    atomic_write_text(out_dir / "sweep.yaml", cfg.to_yaml())
+    rows = [{**p.params(), "label": p.label} for p in points]
+    atomic_write_df(out_dir / "points.csv", pd.DataFrame(rows))
+
+
+def run_sweep(
+    cfg: SweepConfig,
+    out_dir: str | Path,
+    *,
+    executor: str | None = None,
+    workers: int | None = None,
+    address: str | None = None,
+    point_fn: PointFn = train_point,
+    progress: bool = True,
+    collect: bool = True,
+    on_point: Callable[[str, str | None], None] | None = None,
+) -> SweepResult:
+    """Run every point of ``cfg`` not yet finished, then (``collect=True``) build the results table.
+
+    Args:
+        cfg: the sweep.
+        out_dir: sweep folder (created).
+        executor: "local" (process pool; serial when workers=1) or "ray"; default from ``cfg.executor``.
+        workers: parallel points; default ``cfg.executor.workers`` or the CPU count, capped by the points.
+        address: Ray cluster address (``--address``); None starts a local Ray instance.
+        point_fn: ``fn(train_config, run_dir)``; must be a picklable top-level function.
+        progress: show a rich progress bar.
+        collect: build ``results.csv``/``results.parquet`` afterwards (from every finished point).
+        on_point: callback ``(point_id, error_or_None)`` after each point (tests, custom logging).
+    """
+    out_dir = Path(out_dir)
+    kind = executor or cfg.executor.kind
+    check_choice("executor", kind, ("local", "ray"))
+    points = cfg.points()
+    if not points:
+        raise ConfigError("grid", cfg.grid, "a grid that yields at least one point")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_index(cfg, points, out_dir)
+    result = SweepResult(out_dir=out_dir, points=points)
+    todo = []
+    for p in points:
+        rd = out_dir / "runs" / p.id
+        if is_done(rd):
+            result.skipped.append(p.id)
+        else:
+            todo.append((p.id, p.config, rd))
+    n_workers = workers or cfg.executor.workers or (os.cpu_count() or 1)
+    n_workers = max(1, min(n_workers, len(todo) or 1))
+    threads = cfg.executor.threads_per_worker
+    if kind == "ray":
+        stream = run_ray(todo, point_fn, workers=n_workers, threads=threads, address=address or cfg.executor.address)
+    elif n_workers == 1:
+        stream = run_serial(todo, point_fn, threads=threads)
+    else:
+        stream = run_local(todo, point_fn, workers=n_workers, threads=threads)
+
+    labels = {p.id: p.label for p in points}
+
+    def handle(pid: str, err: str | None) -> None:
+        rd = out_dir / "runs" / pid
+        if err is None:
+            result.finished.append(pid)
+            (rd / "error.txt").unlink(missing_ok=True)
+        else:
+            result.failed[pid] = err
+            atomic_write_text(rd / "error.txt", err)
+        if on_point is not None:
+            on_point(pid, err)
+
+    if todo:
+        if progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            with Progress(
+                TextColumn("[bold]sweep[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), transient=False,
+            ) as bar:
+                task = bar.add_task(f"{len(todo)} to run, {len(result.skipped)} done", total=len(todo))
+                for pid, err in stream:
+                    handle(pid, err)
+                    status = "failed" if err else "done"
+                    bar.update(task, advance=1, description=f"{labels[pid]} {status}")
+        else:
+            for pid, err in stream:
+                handle(pid, err)
+    if collect:
+        from dpquant_sim.sweep.collect import collect_sweep
+
+        result.table = collect_sweep(out_dir, accelerators=cfg.accelerators, points=points)
+    return result

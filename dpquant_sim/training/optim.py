@@ -1,0 +1,99 @@
+"""Optimizers: the base optimizer factory and a DP optimizer with per-step gradient masks.
+
+``MaskedDPOptimizer`` is Opacus's ``DPOptimizer`` (flat clipping, Gaussian noise, fp32 throughout) plus optional
+coordinate masks (gradient dropping / pre-pruning, arXiv 2306.11754): each per-sample gradient is multiplied
+by the mask BEFORE its norm is computed and clipped, and noise is added only on kept coordinates. A masked
+coordinate then carries neither signal nor noise, so the noise norm shrinks with the kept dimension; the
+sensitivity of the clipped sum is still C, so the accounting is unchanged (masks must not depend on private
+data, e.g. random or weight-magnitude masks).
+
+Empty Poisson batches are handled as Opacus does: the step still adds noise (and is accounted).
+
+>>> import torch
+>>> p = torch.nn.Parameter(torch.zeros(3))
+>>> opt = MaskedDPOptimizer(torch.optim.SGD([p], lr=1.0), noise_multiplier=0.0, max_grad_norm=1.0,
+...                         expected_batch_size=2)
+>>> p.grad_sample = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 0.5]])
+>>> opt.set_masks({p: torch.tensor([True, True, False])})
+>>> opt.step(); p.data   # example 1: (3,4)/5 clipped to norm 1; example 2 fully masked; mean over 2
+tensor([-0.3000, -0.4000,  0.0000])
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _generate_noise, _mark_as_processed
+
+from dpquant_sim.errors import ConfigError
+
+
+def make_base_optimizer(name: str, params, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+    """torch SGD (with momentum) or Adam over ``params``."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ConfigError("optimizer", name, ("sgd", "adam"))
+
+
+class MaskedDPOptimizer(DPOptimizer):
+    """Opacus DPOptimizer with optional boolean masks per parameter (see module docstring).
+
+    ``set_masks({param: bool tensor of param's shape})`` applies to the next ``step()`` (and stays until
+    changed; ``set_masks(None)`` removes them).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._masks: dict[int, torch.Tensor] = {}
+
+    def set_masks(self, masks: Mapping[torch.nn.Parameter, torch.Tensor] | None) -> None:
+        self._masks = {}
+        if not masks:
+            return
+        by_id = {id(p): p for p in self.params}
+        for p, m in masks.items():
+            if id(p) not in by_id:
+                raise ConfigError("mask parameter", tuple(p.shape), "a parameter of this optimizer")
+            if tuple(m.shape) != tuple(p.shape):
+                raise ConfigError("mask shape", tuple(m.shape), f"the parameter's shape {tuple(p.shape)}")
+            self._masks[id(p)] = m.to(device=p.device, dtype=p.dtype)
+
+    def clip_and_accumulate(self) -> None:
+        if self._masks:
+            for p in self.params:
+                m = self._masks.get(id(p))
+                if m is not None and p.grad_sample is not None:
+                    # mask before clipping: dropped coordinates never enter the per-sample norm
+                    p.grad_sample = self._get_flat_grad_sample(p) * m.unsqueeze(0)
+        super().clip_and_accumulate()
+
+    def add_noise(self) -> None:
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = _generate_noise(std=self.noise_multiplier * self.max_grad_norm, reference=p.summed_grad,
+                                    generator=self.generator, secure_mode=self.secure_mode)
+            m = self._masks.get(id(p))
+            if m is not None:
+                noise = noise * m  # noise only on kept coordinates
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    def prepare_empty_batch(self) -> None:
+        """Give every parameter a zero-length per-sample gradient, so ``step()`` adds pure noise (as Opacus
+        does for an empty Poisson batch)."""
+        for p in self.params:
+            if p.requires_grad:
+                p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+
+
+def mask_plain_grads(params, masks: Mapping[torch.nn.Parameter, torch.Tensor] | None) -> None:
+    """Non-private counterpart: multiply ``p.grad`` by its mask."""
+    if not masks:
+        return
+    for p in params:
+        m = masks.get(p)
+        if m is not None and p.grad is not None:
+            p.grad.mul_(m.to(p.grad.dtype))

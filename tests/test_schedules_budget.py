@@ -1,0 +1,215 @@
+"""Budget semantics shared by every schedule: closed forms, Monte Carlo, rotation, determinism, static picks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import brentq
+
+from dpquant_sim.errors import ConfigError
+from dpquant_sim.schedules import build_schedule
+from dpquant_sim.schedules.base import LayerInfo, ScheduleContext
+from dpquant_sim.schedules.budget import (
+    draw_subset, expected_share, greedy_subset, inclusion_probabilities, layer_sizes,
+)
+
+FLOPS = [10, 30, 60, 100]
+LAYERS = [LayerInfo(n, f) for n, f in zip("abcd", FLOPS)]
+
+
+def ctx(epoch=0, layers=LAYERS, seed=0, **kw):
+    return ScheduleContext(epoch=epoch, epochs=100, layers=layers, recipe="fp4", rng=np.random.default_rng(seed), **kw)
+
+
+def reference_pi(a, w, b):
+    """Independent reference: solve sum_l min(1, c a_l) w_l = b W for c by root finding (scipy brentq)."""
+    a, w = np.asarray(a, float), np.asarray(w, float)
+    f = lambda c: np.sum(np.minimum(1.0, c * a) * w) - b * w.sum()  # noqa: E731
+    hi = 1.0
+    while f(hi) < 0:
+        hi *= 2
+    c = brentq(f, 0.0, hi, xtol=1e-15, rtol=1e-15, maxiter=500)
+    return np.minimum(1.0, c * a)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    a=st.lists(st.floats(1e-6, 1.0), min_size=1, max_size=12),
+    b=st.floats(0.01, 1.0),
+    data=st.data(),
+)
+def test_inclusion_probabilities_closed_form(a, b, data):
+    w = data.draw(st.lists(st.floats(1.0, 1e6), min_size=len(a), max_size=len(a)))
+    pi = inclusion_probabilities(a, w, b)
+    assert np.all(pi >= 0) and np.all(pi <= 1)
+    # the identity that defines the budget: sum pi_l w_l = b W (float64 round-off only)
+    assert math.isclose(float(np.dot(pi, w)), b * sum(w), rel_tol=1e-9)
+    assert math.isclose(expected_share(pi, w), b, rel_tol=1e-9)
+    np.testing.assert_allclose(pi, reference_pi(a, w, b), rtol=1e-7, atol=1e-9)
+
+
+def test_capped_proportional_hand_example():
+    # a = (.7, .2, .1), w = (1, 1, 2), b = .75: uncapped c = 3/1.1 gives .7c > 1 -> cap layer 0;
+    # then c = (3 - 1) / (.2 + .2) = 5: pi = (1, 1, .5), sum pi w = 3 = .75 * 4.
+    np.testing.assert_allclose(inclusion_probabilities([0.7, 0.2, 0.1], [1, 1, 2], 0.75), [1.0, 1.0, 0.5])
+    # uniform weights: pi = b everywhere, in either unit
+    np.testing.assert_allclose(inclusion_probabilities([1, 1, 1], [5, 1, 100], 0.3), [0.3] * 3)
+    # zero-weight layers take the rest only when the positive ones are all capped
+    np.testing.assert_allclose(inclusion_probabilities([1, 0, 0], [1, 1, 2], 0.5), [1.0, 1 / 3, 1 / 3])
+    assert inclusion_probabilities([0.5, 0.5], [1, 1], 1.0).tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan")])
+def test_budget_out_of_range_is_config_error(bad):
+    with pytest.raises(ConfigError, match="budget"):
+        inclusion_probabilities([1, 1], [1, 1], bad)
+
+
+@pytest.mark.parametrize("method", ["systematic", "poisson"])
+def test_monte_carlo_inclusion_and_share(method):
+    rng = np.random.default_rng(123)
+    w = np.array([10.0, 30, 60, 100, 5, 250])
+    pi = inclusion_probabilities([0.05, 0.3, 0.1, 0.2, 0.15, 0.2], w, 0.6)
+    n = 8000
+    masks = np.array([draw_subset(pi, rng, method) for _ in range(n)])
+    freq = masks.mean(0)
+    se = np.sqrt(pi * (1 - pi) / n)
+    assert np.all(np.abs(freq - pi) <= 5 * se + 1e-12), (freq, pi)
+    shares = masks @ w / w.sum()
+    assert abs(shares.mean() - 0.6) <= 5 * shares.std() / math.sqrt(n) + 1e-12
+    if method == "systematic":
+        # fixed-size property: the count is floor or ceil of sum pi
+        counts = masks.sum(1)
+        assert set(np.unique(counts)) <= {math.floor(pi.sum()), math.ceil(pi.sum())}
+
+
+def test_pi_one_and_zero_are_deterministic():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        m = draw_subset([1.0, 0.0, 0.3, 0.7], rng)
+        assert m[0] and not m[1] and m.sum() == 2
+
+
+def test_layer_units():
+    assert layer_sizes(FLOPS, "layers").tolist() == [1.0] * 4
+    with pytest.raises(ConfigError, match="budget_unit"):
+        layer_sizes(FLOPS, "bytes")
+
+
+# --- static selections, hand-checked (W = 200 FLOPs) ---------------------------------------------------
+@pytest.mark.parametrize(
+    "select,budget,unit,expected",
+    [
+        ("first", 0.3, "flops", ["a", "b", "c"]),  # 5% -> 20% -> 50% >= 30%
+        ("first", 0.2, "flops", ["a", "b"]),  # reaches 20% exactly
+        ("last", 0.5, "flops", ["d"]),  # 100/200 = 50%
+        ("last", 0.51, "flops", ["c", "d"]),  # rounds up
+        ("largest", 0.6, "flops", ["c", "d"]),  # d 50% -> +c 80%
+        ("first", 0.5, "layers", ["a", "b"]),
+        ("last", 0.26, "layers", ["c", "d"]),  # 1.04 layers needed -> rounds up to 2
+    ],
+)
+def test_static_subset_hand_checked(select, budget, unit, expected):
+    plan = build_schedule({"kind": "static-subset", "select": select, "budget": budget, "budget_unit": unit}).plan(
+        ctx()
+    )
+    assert sorted(plan.quantized) == expected
+    assert plan.quantized_flop_share == pytest.approx(sum(FLOPS["abcd".index(n)] for n in expected) / 200)
+    assert greedy_subset(list("abcd"), layer_sizes(FLOPS, unit), budget, select) == expected
+
+
+def test_static_named_and_unknown():
+    plan = build_schedule({"kind": "static-subset", "select": "named", "layers": ["d", "a"]}).plan(ctx())
+    assert plan.quantized == {"a": "fp4", "d": "fp4"}
+    assert plan.quantized_flop_share == pytest.approx(110 / 200)
+    with pytest.raises(ConfigError, match="nope"):
+        build_schedule({"kind": "static-subset", "select": "named", "layers": ["nope"]}).plan(ctx())
+    with pytest.raises(ConfigError, match="layers"):
+        build_schedule({"kind": "static-subset", "select": "named"})
+
+
+def test_fp32_and_static_all():
+    p0 = build_schedule({"kind": "fp32"}).plan(ctx())
+    assert p0.quantized == {} and p0.quantized_flop_share == 0.0
+    p1 = build_schedule({"kind": "static-all"}).plan(ctx())
+    assert p1.quantized == {n: "fp4" for n in "abcd"} and p1.quantized_flop_share == 1.0
+
+
+def test_build_schedule_rejects_bad_config():
+    with pytest.raises(ConfigError, match="schedule.kind"):
+        build_schedule({"kind": "greedy"})
+    with pytest.raises(ConfigError, match="schedule.budget"):
+        build_schedule({"kind": "random", "budget": 2.0})
+
+
+# --- rotation and determinism ---------------------------------------------------------------------------
+def _fixed_deltas(values):
+    import torch
+
+    def fn(names, q, gen):
+        return torch.tensor([values] * 20, dtype=torch.float64), 20.0
+
+    return fn
+
+
+def _schedules():
+    return {
+        "random": {"kind": "random", "budget": 0.5},
+        # strongly prioritised dpquant: layer d (most FLOPs) is "fragile"
+        "dpquant": {"kind": "dpquant", "budget": 0.5, "uniform_mix": 0.2, "temperature": 0.5},
+    }
+
+
+@pytest.mark.parametrize("kind", ["random", "dpquant"])
+def test_rotation_reaches_every_layer(kind):
+    sched = build_schedule(_schedules()[kind])
+    rng = np.random.default_rng(7)
+    extra = dict(private=False, loss_deltas=_fixed_deltas([0.01, 0.02, 0.03, 0.9]))
+    first = sched.plan(ScheduleContext(0, 100, LAYERS, "fp4", rng, **extra))
+    pi_min = min(first.probs.values())
+    assert pi_min > 0
+    # P(some layer never drawn in E epochs) <= L (1 - pi_min)^E; choose E so that this is < 1e-9
+    bound = math.ceil(math.log(1e-9 / len(LAYERS)) / math.log(1 - pi_min))
+    seen = set(first.quantized)
+    for e in range(1, bound):
+        seen |= set(sched.plan(ScheduleContext(e, 100, LAYERS, "fp4", rng, **extra)).quantized)
+        if len(seen) == len(LAYERS):
+            break
+    assert seen == {"a", "b", "c", "d"}, (bound, pi_min)
+
+
+@pytest.mark.parametrize("kind", ["random", "dpquant"])
+def test_expected_share_is_budget_for_every_schedule(kind):
+    sched = build_schedule(_schedules()[kind])
+    plan = sched.plan(ctx(private=False, loss_deltas=_fixed_deltas([0.01, 0.02, 0.03, 0.9])))
+    w = np.array(FLOPS, float)
+    pi = np.array([plan.probs[n] for n in "abcd"])
+    assert expected_share(pi, w) == pytest.approx(0.5, rel=1e-12)
+    assert plan.info["expected_share"] == pytest.approx(0.5, rel=1e-12)
+    assert plan.quantized_flop_share == pytest.approx(sum(w[["abcd".index(n) for n in plan.quantized]]) / w.sum())
+
+
+@pytest.mark.parametrize("kind", ["random", "dpquant"])
+def test_seeded_determinism_and_resume(kind):
+    extra = dict(private=False, loss_deltas=_fixed_deltas([0.01, 0.02, 0.03, 0.9]))
+
+    def run(seed, epochs, sched=None, start=0):
+        sched = sched or build_schedule(_schedules()[kind])
+        rng = np.random.default_rng(seed)
+        return [sched.plan(ScheduleContext(e, epochs, LAYERS, "fp4", rng, **extra)) for e in range(start, epochs)], sched
+
+    a, _ = run(5, 12)
+    b, _ = run(5, 12)
+    c, _ = run(6, 12)
+    assert [p.to_json() for p in a] == [p.to_json() for p in b]
+    assert [p.quantized for p in a] != [p.quantized for p in c]
+    # resume from a state_dict taken after epoch 4: the remaining plans are identical
+    first, s1 = run(5, 5)
+    s2 = build_schedule(_schedules()[kind])
+    s2.load_state_dict(s1.state_dict())
+    rest, _ = run(99, 12, sched=s2, start=5)  # a different ctx.rng must not matter once the state is loaded
+    assert [p.to_json() for p in first + rest] == [p.to_json() for p in a]
