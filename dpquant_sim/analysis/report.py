@@ -36,9 +36,10 @@ from dpquant_sim.io import atomic_write_df, atomic_write_text
 # Logical cost metrics -> column names the cost model may use (first match wins).
 COST_ALIASES: dict[str, tuple[str, ...]] = {
     "time_theoretical_s": ("time_theoretical_s", "theoretical_time_s", "time_s_theoretical", "t_theoretical_s"),
-    "time_roofline_s": ("time_roofline_s", "roofline_time_s", "time_s_roofline", "t_roofline_s", "time_s"),
-    "speedup_theoretical": ("speedup_theoretical", "theoretical_speedup"),
-    "speedup_roofline": ("speedup_roofline", "roofline_speedup"),
+    "time_roofline_s": ("time_roofline_s", "roofline_time_s", "time_s_roofline", "t_roofline_s"),
+    # Speedup over the same run with every layer in bf16 (the paper's 16-bit baseline).
+    "speedup_theoretical": ("speedup_vs_bf16_theoretical", "speedup_theoretical", "theoretical_speedup"),
+    "speedup_roofline": ("speedup_vs_bf16_roofline", "speedup_roofline", "roofline_speedup"),
     "energy_j": ("energy_j", "energy_J", "energy_roofline_j", "energy"),
     "dollars": ("dollars", "cost_usd", "usd", "dollars_roofline"),
     "examples": ("examples", "samples", "n_examples", "examples_per_epoch"),

@@ -67,10 +67,12 @@ def run_table(run_dir: Path, profiles: Sequence[Any]) -> pd.DataFrame:
 
     cost = cost_run(run_dir, profiles)
     if "accelerator" not in cost.columns:
-        for alt in ("profile", "hardware", "name"):
+        for alt in ("hw", "profile", "hardware", "name"):
             if alt in cost.columns:
                 cost = cost.rename(columns={alt: "accelerator"})
                 break
+    if "examples" not in cost.columns and {"steps", "batch"} <= set(cost.columns):
+        cost["examples"] = cost["steps"] * cost["batch"]  # training examples processed in the epoch
     if "epoch" not in cost.columns:  # whole-run cost: broadcast over epochs
         return metrics.merge(cost, how="cross", suffixes=("", "_cost"))
     return metrics.merge(cost, on="epoch", how="left", suffixes=("", "_cost"))
@@ -109,8 +111,8 @@ def collect_sweep(
         if not (rd / "metrics.csv").is_file() or not (complete or include_partial):
             continue
         t = run_table(rd, profiles)
-        for k, v in row.items():
-            t.insert(0, k, v) if k not in t.columns else t.__setitem__(f"{k}_point", v)
+        desc = pd.DataFrame({(k if k not in t.columns else f"{k}_point"): [v] * len(t) for k, v in row.items()})
+        t = pd.concat([desc, t.reset_index(drop=True)], axis=1)
         t["complete"] = complete
         if complete:
             try:

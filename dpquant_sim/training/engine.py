@@ -1,0 +1,650 @@
+"""The training run: DP-SGD / DP-Adam (Opacus) with per-epoch quantization plans, honest accounting, resume.
+
+``train(config, out_dir)`` writes a run directory::
+
+    config.yaml      the resolved TrainConfig
+    run_info.json    model, dataset, shapes, sample rate, steps per epoch, noise multiplier, quantizable layers
+    metrics.csv      one row per finished epoch (columns: METRIC_COLUMNS)
+    checkpoint.pt    everything needed to resume exactly (torch.load(weights_only=True) loadable)
+    summary.json     written last, when the run is complete (or stopped at the privacy budget)
+
+How one run goes:
+
+1. Seeds: ``np.random.SeedSequence(config.seed)`` spawns independent seeds for model init, Poisson sampling,
+   DP noise, the schedule's RNG and the estimator's sampling; quantized layers' stochastic rounding is
+   seeded by ``nn.convert_model(model, seed=config.seed)``. Same config, same numbers.
+2. Model: ``build_model`` -> ``nn.convert_model`` (Q layers, full precision) -> Opacus ``GradSampleModule``
+   (hooks mode; our Q layers have registered grad samplers) for private runs.
+3. Privacy: sample rate q = batch_size / n_train, steps per epoch = round(1 / q), Poisson sampling with
+   Opacus's ``UniformWithReplacementSampler`` rule (each example independently with probability q) from a
+   seeded generator. With a target epsilon the noise multiplier is calibrated by bisection over the whole
+   planned sequence: every epoch's DP-SGD steps plus the extra mechanisms the schedule declares in advance
+   (``schedule.planned_mechanisms(epochs, steps_per_epoch, private=True)``, optional), in the order the run
+   records them, so the ledger ends exactly at the calibrated epsilon. Before every epoch the run checks
+   that finishing the epoch stays within the target (1e-6 relative slack for floating-point summation
+   order) and stops otherwise; a fixed noise multiplier whose planned spend exceeds ``epsilon`` is refused
+   up front (PrivacyBudgetExceeded).
+4. Each epoch: ``schedule.plan(ctx)`` -> ``nn.apply_plan`` -> train -> evaluate (fp32 by default, or with
+   the plan: ``eval_quantized``) -> append a metrics row -> write the checkpoint atomically.
+   Optional pre-pruning / gradient dropping (``config.prune`` / ``config.drop``) use
+   ``dpquant_sim.schedules.prune_drop``; masks are applied before clipping and noise only goes on kept
+   coordinates (``optim.MaskedDPOptimizer``).
+5. Non-private runs (``private=False``) take the same path without the GradSampleModule, clipping and noise;
+   epsilon is reported as inf.
+
+Reported ``train_loss`` is the mean training loss over the epoch's Poisson batches: a diagnostic computed on
+private data that is not privatised (like Opacus's examples print it); the released outputs are the model,
+test metrics and plans.
+
+>>> # from dpquant_sim.training import TrainConfig, train
+>>> # res = train(TrainConfig(dataset="digits", model="cnn", epochs=3), "runs/x")
+>>> # res.summary["test_acc"], res.summary["epsilon"]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpquant_sim.errors import ConfigError, PrivacyBudgetExceeded
+from dpquant_sim.io import atomic_write, atomic_write_df, atomic_write_json
+from dpquant_sim.plan import EpochPlan
+from dpquant_sim.training.accounting import DPSGD, Mechanism, PrivacyLedger, calibrate_noise, compose_epsilon
+from dpquant_sim.training.config import TrainConfig
+
+METRIC_COLUMNS: tuple[str, ...] = (
+    "epoch", "train_loss", "test_loss", "test_acc", "epsilon", "delta", "accountant", "noise_multiplier",
+    "sample_rate", "steps", "clip_norm", "quantized_layers", "quantized_flop_share", "plan", "estimator_epsilon",
+    "wall_s",
+)
+CHECKPOINT_FORMAT = 1
+BUDGET_SLACK = 1e-6  # relative; floating-point summation order only, far below the accountants' own error
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What ``train`` returns: the run directory, its config, the per-epoch metrics and the summary."""
+
+    out_dir: Path
+    config: TrainConfig
+    metrics: pd.DataFrame
+    summary: dict[str, Any]
+
+    @property
+    def test_acc(self) -> float:
+        return float(self.summary["test_acc"])
+
+    @property
+    def epsilon(self) -> float:
+        return float(self.summary["epsilon"])
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _seeds(seed: int) -> dict[str, int]:
+    names = ("init", "sampler", "noise", "schedule", "estimator")
+    kids = np.random.SeedSequence(seed).spawn(len(names))
+    return {n: int(k.generate_state(1, dtype=np.uint64)[0] >> 1) for n, k in zip(names, kids)}
+
+
+def _load_data(cfg: TrainConfig):
+    from dpquant_sim.training.data import load_dataset
+
+    kw: dict[str, Any] = {}
+    if cfg.dataset == "synthetic":
+        s = cfg.synthetic
+        kw = dict(n_train=cfg.n_train or 2048, n_test=cfg.n_test or 512, channels=s.channels,
+                  image_size=s.image_size, num_classes=s.num_classes, noise=s.noise)
+    else:
+        if cfg.n_train is not None:
+            kw["n_train"] = cfg.n_train
+        if cfg.n_test is not None:
+            kw["n_test"] = cfg.n_test
+        if cfg.dataset == "emnist":
+            kw["split"] = cfg.emnist_split
+        if cfg.dataset == "gtsrb":
+            kw["crop_roi"] = cfg.gtsrb_crop_roi
+    return load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.data_seed, **kw)
+
+
+def _extra_at(schedule, epoch: int, epochs: int, spe: int) -> list[Mechanism]:
+    """Mechanisms the schedule declares it adds while planning ``epoch`` (difference of cumulative plans)."""
+    fn = getattr(schedule, "planned_mechanisms", None)
+    if fn is None:
+        return []
+
+    def cum(e: int) -> dict[tuple, int]:
+        out: dict[tuple, int] = {}
+        for name, s, q, t in (fn(e, spe, private=True) if e > 0 else []):
+            out[(name, float(s), float(q))] = out.get((name, float(s), float(q)), 0) + int(t)
+        return out
+
+    before, after = cum(epoch), cum(epoch + 1)
+    return [Mechanism(k[0], k[1], k[2], n - before.get(k, 0)) for k, n in after.items() if n > before.get(k, 0)]
+
+
+def _planned_sequence(schedule, epochs: int, start: int, sigma: float, q: float, spe: int) -> list[Mechanism]:
+    seq: list[Mechanism] = []
+    for e in range(start, epochs):
+        seq += _extra_at(schedule, e, epochs, spe)
+        seq.append(Mechanism(DPSGD, sigma, q, spe))
+    return seq
+
+
+def _jsonable(x: Any) -> Any:
+    """Make a state dict JSON-safe (numpy scalars/arrays, tuples) for storage as a string in checkpoints."""
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    return x
+
+
+def _progress(enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` on (x, y), in eval mode."""
+    was = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    try:
+        for s in range(0, len(x), batch_size):
+            out = model(x[s:s + batch_size])
+            loss_sum += float(F.cross_entropy(out.float(), y[s:s + batch_size], reduction="sum"))
+            correct += int((out.argmax(1) == y[s:s + batch_size]).sum())
+    finally:
+        model.train(was)
+    n = max(1, len(x))
+    return loss_sum / n, correct / n
+
+
+def _prune_drop(cfg: TrainConfig, model: nn.Module, seed: int):
+    if cfg.prune is None and cfg.drop is None:
+        return None, None
+    try:
+        from dpquant_sim.schedules import prune_drop
+    except ImportError:
+        raise NotImplementedError(
+            "config.prune / config.drop need dpquant_sim.schedules.prune_drop (apply_pruning, GradDropper), "
+            "which is not available in this tree yet") from None
+    prune_state = prune_drop.apply_pruning(model, cfg.prune, seed) if cfg.prune is not None else None
+    dropper = prune_drop.GradDropper(cfg.drop, seed) if cfg.drop is not None else None
+    return prune_state, dropper
+
+
+def _named_masks(model: nn.Module, masks: Mapping | None) -> dict[nn.Parameter, torch.Tensor]:
+    """Accept masks keyed by parameter or by parameter name; return them keyed by parameter."""
+    if not masks:
+        return {}
+    params = dict(model.named_parameters())
+    out = {}
+    for k, m in masks.items():
+        if isinstance(k, str):
+            if k not in params:
+                raise ConfigError("mask parameter", k, tuple(params))
+            out[params[k]] = m
+        else:
+            out[k] = m
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the run
+class _Run:
+    """State of one run; ``train`` drives it. Split out so that tests and benchmarks can step it."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path | None):
+        import dpquant_sim.nn as qnn
+        from dpquant_sim.nn.shapes import gemm_layers
+        from dpquant_sim.schedules import build_schedule
+        from dpquant_sim.schedules.base import LayerInfo
+        from dpquant_sim.training.models import build_model
+
+        self.cfg, self.out_dir = cfg, out_dir
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device", "cuda", "'cpu' (no CUDA device is visible)")
+        self.device = torch.device(cfg.device)
+        seeds = _seeds(cfg.seed)
+
+        self.data = _load_data(cfg)
+        n = self.data.n_train
+        if cfg.batch_size > n:
+            raise ConfigError("batch_size", cfg.batch_size, f"at most the training set size {n}")
+        self.x_train, self.y_train = (t.to(self.device) for t in self.data.train.tensors)
+        self.x_test, self.y_test = (t.to(self.device) for t in self.data.test.tensors)
+        c, h, w = self.data.input_shape
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seeds["init"])
+            model = build_model(cfg.model, in_channels=c, num_classes=self.data.num_classes, image_size=h)
+        model = qnn.convert_model(model, seed=cfg.seed).to(self.device)
+        if self.device.type != "cpu":
+            qnn.set_generators(model, cfg.seed)
+        self.model = model  # the plain (converted) model; plans and checkpoints use its names
+        self.layer_shapes = gemm_layers(model, self.data.input_shape)
+        self.layers = [LayerInfo(s.name, s.forward_flops) for s in self.layer_shapes]
+        self.prune_state, self.dropper = _prune_drop(cfg, model, cfg.seed)
+
+        # sampling, steps, noise
+        self.q = cfg.batch_size / n
+        self.spe = max(1, round(1 / self.q))
+        self.schedule = build_schedule(cfg.schedule)
+        self.ledger = PrivacyLedger(cfg.accountant, cfg.delta) if cfg.private else None
+        self.sigma = self._noise_multiplier() if cfg.private else 0.0
+
+        base = make_base(cfg, model)
+        if cfg.private:
+            from opacus import GradSampleModule
+            from opacus.validators import ModuleValidator
+
+            from dpquant_sim.training.optim import MaskedDPOptimizer
+
+            ModuleValidator.validate(model, strict=True)
+            self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+            self.noise_gen = torch.Generator(device=self.device).manual_seed(seeds["noise"])
+            self.optimizer = MaskedDPOptimizer(base, noise_multiplier=self.sigma, max_grad_norm=cfg.max_grad_norm,
+                                               expected_batch_size=cfg.batch_size, generator=self.noise_gen)
+        else:
+            self.gsm, self.noise_gen, self.optimizer = None, None, base
+        self.base_optimizer = base
+        self.sampler_gen = torch.Generator().manual_seed(seeds["sampler"])
+        self.ctx_rng = np.random.default_rng(seeds["schedule"])
+        self.est_gen = torch.Generator().manual_seed(seeds["estimator"])
+        from dpquant_sim.training.sensitivity import make_loss_delta_fn
+
+        self.loss_deltas = make_loss_delta_fn(model, self.data.train, recipe=cfg.recipe, device=self.device,
+                                              dp=cfg.private)
+        self.epoch = 0  # next epoch to run
+        self.global_step = 0
+        self.rows: list[dict[str, Any]] = []
+        self.wall_s = 0.0
+
+    # -- privacy
+    def _noise_multiplier(self) -> float:
+        cfg = self.cfg
+        build = lambda s: _planned_sequence(self.schedule, cfg.epochs, 0, s, self.q, self.spe)  # noqa: E731
+        if cfg.noise_multiplier is not None:
+            sigma = float(cfg.noise_multiplier)
+            if cfg.epsilon is not None:
+                planned = compose_epsilon(build(sigma), cfg.delta, cfg.accountant)
+                if planned > cfg.epsilon * (1 + BUDGET_SLACK):
+                    raise PrivacyBudgetExceeded(
+                        f"refusing to start: noise_multiplier={sigma} for {cfg.epochs} epochs of {self.spe} steps at "
+                        f"sample rate {self.q:.4g} (plus the schedule's planned mechanisms) spends epsilon="
+                        f"{planned:.3f} > epsilon={cfg.epsilon} at delta={cfg.delta} ({cfg.accountant}); raise "
+                        "noise_multiplier, lower epochs, or drop epsilon to let it be reported only")
+            return sigma
+        return calibrate_noise(cfg.epsilon, cfg.delta, cfg.accountant, build)
+
+    def _within_budget(self, extra: Sequence[Mechanism]) -> tuple[bool, float]:
+        if self.ledger is None or self.cfg.epsilon is None:
+            return True, float("nan")
+        e = self.ledger.projected_epsilon(extra)
+        return e <= self.cfg.epsilon * (1 + BUDGET_SLACK), e
+
+    # -- one epoch
+    def plan_epoch(self) -> EpochPlan:
+        import dpquant_sim.nn as qnn
+        from dpquant_sim.schedules.base import ScheduleContext
+
+        cfg = self.cfg
+        ctx = ScheduleContext(
+            epoch=self.epoch, epochs=cfg.epochs, layers=self.layers, recipe=cfg.recipe, rng=self.ctx_rng,
+            private=cfg.private, ledger=self.ledger, loss_deltas=self.loss_deltas, torch_generator=self.est_gen,
+            extra={"delta": cfg.delta, "sample_rate": self.q, "steps_per_epoch": self.spe,
+                   "noise_multiplier": self.sigma, "n_train": self.data.n_train},
+        )
+        plan = self.schedule.plan(ctx)
+        qnn.apply_plan(self.model, plan, dp=cfg.private)
+        return plan
+
+    def _batches(self, idx: torch.Tensor):
+        pb = self.cfg.physical_batch_size
+        if pb is None or len(idx) <= pb:
+            return [idx]
+        return list(torch.split(idx, pb))
+
+    def train_step(self) -> tuple[float, int]:
+        """One logical (Poisson) batch. Returns (sum of example losses, batch size)."""
+        n = self.data.n_train
+        mask = torch.rand(n, generator=self.sampler_gen) < self.q  # Opacus's UniformWithReplacementSampler rule
+        idx = mask.nonzero().reshape(-1).to(self.device)
+        masks = None
+        if self.dropper is not None:
+            masks = _named_masks(self.model, self.dropper.masks(self.model, self.global_step))
+        prune_masks = getattr(self.prune_state, "masks", None) if self.prune_state is not None else None
+        if prune_masks:
+            pm = _named_masks(self.model, prune_masks)
+            masks = {p: (m.bool() & masks[p].bool()) if masks and p in masks else m.bool()
+                     for p, m in {**pm, **(masks or {})}.items()}
+        loss_sum = 0.0
+        if self.cfg.private:
+            opt = self.optimizer
+            opt.set_masks(masks)
+            if len(idx) == 0:
+                opt.prepare_empty_batch()
+            else:
+                chunks = self._batches(idx)
+                for i, ci in enumerate(chunks):
+                    out = self.gsm(self.x_train[ci])
+                    loss = F.cross_entropy(out, self.y_train[ci])
+                    loss.backward()
+                    loss_sum += float(loss) * len(ci)
+                    if i < len(chunks) - 1:
+                        opt.signal_skip_step(do_skip=True)
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        elif len(idx) > 0:
+            from dpquant_sim.training.optim import mask_plain_grads
+
+            self.model.train()
+            for ci in self._batches(idx):
+                out = self.model(self.x_train[ci])
+                loss = F.cross_entropy(out, self.y_train[ci], reduction="sum")
+                (loss / len(idx)).backward()
+                loss_sum += float(loss)
+            mask_plain_grads(self.model.parameters(), masks)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.prune_state is not None:
+            self.prune_state.reapply(self.model)
+        self.global_step += 1
+        return loss_sum, len(idx)
+
+    def evaluate(self) -> tuple[float, float]:
+        import dpquant_sim.nn as qnn
+
+        if self.cfg.eval_quantized:
+            return evaluate(self.model, self.x_test, self.y_test, self.cfg.eval_batch_size)
+        saved = {n: self.model.get_submodule(n).qconfig for n in qnn.quantizable_layers(self.model)}
+        try:
+            qnn.apply_plan(self.model, {n: None for n in saved}, dp=False)
+            return evaluate(self.model, self.x_test, self.y_test, self.cfg.eval_batch_size)
+        finally:
+            qnn.apply_plan(self.model, saved, dp=self.cfg.private)
+
+    def estimator_epsilon(self) -> float:
+        if self.ledger is None:
+            return 0.0
+        extra = [m for m in self.ledger.entries if m.name != DPSGD]
+        return compose_epsilon(extra, self.cfg.delta, self.cfg.accountant) if extra else 0.0
+
+    # -- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        import dpquant_sim.nn as qnn
+
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config_json": self.cfg.model_dump_json(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "sigma": float(self.sigma),
+            "wall_s": float(self.wall_s),
+            "model": self.model.state_dict(),
+            "optimizer": self.base_optimizer.state_dict(),
+            "ledger": self.ledger.state_dict() if self.ledger is not None else None,
+            "schedule_json": json.dumps(_jsonable(self.schedule.state_dict())),
+            "ctx_rng_json": json.dumps(_jsonable(self.ctx_rng.bit_generator.state)),
+            "rng": {
+                "sampler": self.sampler_gen.get_state(),
+                "estimator": self.est_gen.get_state(),
+                "noise": self.noise_gen.get_state() if self.noise_gen is not None else None,
+                "torch": torch.get_rng_state(),
+            },
+            "layer_generators": qnn.generator_states(self.model),
+            "prune_json": json.dumps(_jsonable(self.prune_state.state_dict()))
+            if hasattr(self.prune_state, "state_dict") else None,
+            "dropper_json": json.dumps(_jsonable(self.dropper.state_dict()))
+            if hasattr(self.dropper, "state_dict") else None,
+            "rows": self.rows,
+        }
+
+    def load_state_dict(self, st: Mapping[str, Any]) -> None:
+        import dpquant_sim.nn as qnn
+
+        if st.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError("checkpoint format", st.get("format"), (CHECKPOINT_FORMAT,))
+        self.epoch, self.global_step = int(st["epoch"]), int(st["global_step"])
+        if self.cfg.private and float(st["sigma"]) != self.sigma:
+            raise ConfigError("checkpoint noise_multiplier", st["sigma"], f"{self.sigma} (this config's)")
+        self.wall_s = float(st["wall_s"])
+        self.model.load_state_dict(st["model"])
+        self.base_optimizer.load_state_dict(st["optimizer"])
+        if self.ledger is not None:
+            self.ledger.load_state_dict(st["ledger"])
+        self.schedule.load_state_dict(json.loads(st["schedule_json"]))
+        self.ctx_rng.bit_generator.state = json.loads(st["ctx_rng_json"])
+        self.sampler_gen.set_state(st["rng"]["sampler"])
+        self.est_gen.set_state(st["rng"]["estimator"])
+        if self.noise_gen is not None:
+            self.noise_gen.set_state(st["rng"]["noise"])
+        torch.set_rng_state(st["rng"]["torch"])
+        qnn.set_generator_states(self.model, st["layer_generators"])
+        if st.get("prune_json") and hasattr(self.prune_state, "load_state_dict"):
+            self.prune_state.load_state_dict(json.loads(st["prune_json"]))
+        if st.get("dropper_json") and hasattr(self.dropper, "load_state_dict"):
+            self.dropper.load_state_dict(json.loads(st["dropper_json"]))
+        self.rows = [dict(r) for r in st["rows"]]
+
+    def run_info(self) -> dict[str, Any]:
+        d = self.data
+        return {
+            "model": self.cfg.model, "dataset": d.name, "input_shape": list(d.input_shape),
+            "num_classes": d.num_classes, "n_train": d.n_train, "n_test": d.n_test,
+            "batch_size": self.cfg.batch_size, "sample_rate": self.q, "steps_per_epoch": self.spe,
+            "epochs": self.cfg.epochs, "private": self.cfg.private, "noise_multiplier": self.sigma,
+            "max_grad_norm": self.cfg.max_grad_norm if self.cfg.private else None,
+            "accountant": self.cfg.accountant if self.cfg.private else None, "delta": self.cfg.delta,
+            "target_epsilon": self.cfg.epsilon if self.cfg.private else None,
+            "planned_mechanisms": [[m.name, m.noise_multiplier, m.sample_rate, m.steps] for m in
+                                   _planned_sequence(self.schedule, self.cfg.epochs, 0, self.sigma, self.q, self.spe)
+                                   if m.name != DPSGD] if self.cfg.private else [],
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "quantizable_layers": [
+                {"name": s.name, "kind": s.kind, "gemm_mnk": list(s.gemm_mnk), "forward_flops": s.forward_flops,
+                 "weight_shape": list(s.weight_shape or ()), "in_shape": list(s.in_shape),
+                 "out_shape": list(s.out_shape)} for s in self.layer_shapes],
+            "dataset_info": d.info or {},
+        }
+
+
+def make_base(cfg: TrainConfig, model: nn.Module):
+    from dpquant_sim.training.optim import make_base_optimizer
+
+    return make_base_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+
+
+def _write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with ``torch.load(weights_only=True)`` (tensors, numbers, strings, lists, dicts)."""
+    return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
+def _existing_config(out_dir: Path) -> TrainConfig | None:
+    p = out_dir / "config.yaml"
+    return TrainConfig.from_yaml(p) if p.is_file() else None
+
+
+def train(config: TrainConfig | Mapping[str, Any], out_dir: str | Path, *, progress: bool = True,
+          stop_after: int | None = None) -> RunResult:
+    """Run (or resume, or return the finished) training run of ``config`` in ``out_dir``.
+
+    Args:
+        config: a TrainConfig or a mapping of its fields.
+        out_dir: the run directory (created). A directory of a different config is refused.
+        progress: show a progress bar (only when stderr is a terminal).
+        stop_after: stop after this many epochs in total (as if interrupted; for tests and time-boxing).
+            The run stays resumable and summary.json is not written.
+
+    Raises:
+        ConfigError: bad config, batch larger than the data, out_dir of another run.
+        PrivacyBudgetExceeded: a fixed noise multiplier would spend more than ``epsilon``.
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.parse(config)
+    out = Path(out_dir)
+    prev = _existing_config(out)
+    if prev is not None and prev != cfg:
+        raise ConfigError("out", str(out), "an empty folder or a run folder of this same config (it holds "
+                          "another run's config.yaml)")
+    if prev is not None and (out / "summary.json").is_file():
+        return _result_from_dir(out, cfg)
+
+    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")
+    run = _Run(cfg, out)
+    ck = out / "checkpoint.pt"
+    if ck.is_file():
+        run.load_state_dict(load_checkpoint(ck))
+    out.mkdir(parents=True, exist_ok=True)
+    if prev is None:
+        cfg.to_yaml(out / "config.yaml")
+    atomic_write_json(out / "run_info.json", run.run_info())
+
+    stopped: str | None = None
+    bar = _progress(progress)
+    last = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+    try:
+        if bar is not None:
+            bar.start()
+            task = bar.add_task("train", total=(last - run.epoch) * run.spe, info="")
+        while run.epoch < last:
+            t0 = time.perf_counter()
+            if cfg.private:
+                extra = _extra_at(run.schedule, run.epoch, cfg.epochs, run.spe)
+                ok, e = run._within_budget(extra + [Mechanism(DPSGD, run.sigma, run.q, run.spe)])
+                if not ok:
+                    stopped = (f"privacy budget: epoch {run.epoch} would reach epsilon={e:.4f} > "
+                               f"target {cfg.epsilon}")
+                    break
+            plan = run.plan_epoch()
+            if cfg.private:
+                ok, e = run._within_budget([Mechanism(DPSGD, run.sigma, run.q, run.spe)])
+                if not ok:
+                    stopped = (f"privacy budget: after planning, epoch {run.epoch} would reach epsilon={e:.4f} > "
+                               f"target {cfg.epsilon} (the schedule spent more than it declared)")
+                    break
+            loss_sum, count = 0.0, 0
+            for _ in range(run.spe):
+                ls, nb = run.train_step()
+                loss_sum, count = loss_sum + ls, count + nb
+                if bar is not None:
+                    bar.update(task, advance=1, info=f"epoch {run.epoch + 1}/{cfg.epochs} loss "
+                                                       f"{ls / max(nb, 1):.3f}")
+            if run.ledger is not None:
+                run.ledger.step(run.sigma, run.q, run.spe)
+            test_loss, test_acc = run.evaluate()
+            wall = time.perf_counter() - t0
+            run.wall_s += wall
+            run.rows.append({
+                "epoch": run.epoch,
+                "train_loss": loss_sum / max(count, 1),
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "epsilon": run.ledger.epsilon() if run.ledger is not None else math.inf,
+                "delta": cfg.delta,
+                "accountant": cfg.accountant if cfg.private else "none",
+                "noise_multiplier": run.sigma,
+                "sample_rate": run.q,
+                "steps": run.ledger.steps_of(DPSGD) if run.ledger is not None else run.global_step,
+                "clip_norm": cfg.max_grad_norm if cfg.private else math.nan,
+                "quantized_layers": len(plan.quantized),
+                "quantized_flop_share": _flop_share(plan, run.layers),
+                "plan": plan.to_json(),
+                "estimator_epsilon": run.estimator_epsilon(),
+                "wall_s": wall,
+            })
+            run.epoch += 1
+            atomic_write_df(out / "metrics.csv", pd.DataFrame(run.rows, columns=list(METRIC_COLUMNS)))
+            _write_checkpoint(ck, run.state_dict())
+            if bar is not None:
+                bar.update(task, info=f"epoch {run.epoch}/{cfg.epochs} acc {test_acc:.3f} "
+                                      f"eps {run.rows[-1]['epsilon']:.2f}")
+    finally:
+        if bar is not None:
+            bar.stop()
+    metrics = pd.DataFrame(run.rows, columns=list(METRIC_COLUMNS))
+    if run.epoch < last and stopped is None:  # pragma: no cover - loop exits only by completion or budget
+        stopped = "interrupted"
+    if stop_after is not None and stopped is None and run.epoch < cfg.epochs:
+        return RunResult(out, cfg, metrics, {"complete": False, "epochs_completed": run.epoch})
+    summary = _summary(run, stopped)
+    atomic_write_json(out / "summary.json", summary)
+    return RunResult(out, cfg, metrics, summary)
+
+
+def _flop_share(plan: EpochPlan, layers) -> float:
+    if plan.quantized_flop_share is not None:
+        return float(plan.quantized_flop_share)
+    total = sum(layer.flops for layer in layers)
+    return sum(layer.flops for layer in layers if layer.name in plan.quantized) / total if total else 0.0
+
+
+def _summary(run: _Run, stopped: str | None) -> dict[str, Any]:
+    cfg, last = run.cfg, (run.rows[-1] if run.rows else {})
+    s: dict[str, Any] = {
+        "complete": True,
+        "stopped": stopped,
+        "epochs_completed": run.epoch,
+        "epochs_planned": cfg.epochs,
+        "test_acc": last.get("test_acc", math.nan),
+        "test_loss": last.get("test_loss", math.nan),
+        "best_test_acc": max((r["test_acc"] for r in run.rows), default=math.nan),
+        "train_loss": last.get("train_loss", math.nan),
+        "private": cfg.private,
+        "epsilon": run.ledger.epsilon() if run.ledger is not None else math.inf,
+        "target_epsilon": cfg.epsilon if cfg.private else None,
+        "delta": cfg.delta,
+        "accountant": cfg.accountant if cfg.private else None,
+        "noise_multiplier": run.sigma,
+        "sample_rate": run.q,
+        "steps": run.global_step,
+        "steps_per_epoch": run.spe,
+        "clip_norm": cfg.max_grad_norm if cfg.private else None,
+        "mean_quantized_flop_share": float(np.mean([r["quantized_flop_share"] for r in run.rows])) if run.rows else 0.0,
+        "wall_s": run.wall_s,
+    }
+    if run.ledger is not None:
+        s["epsilon_bounds"] = list(run.ledger.epsilon_bounds())
+        s["epsilon_by_mechanism"] = run.ledger.breakdown()
+        s["estimator_epsilon"] = run.estimator_epsilon()
+    return s
+
+
+def _result_from_dir(out: Path, cfg: TrainConfig) -> RunResult:
+    metrics = pd.read_csv(out / "metrics.csv") if (out / "metrics.csv").is_file() else pd.DataFrame()
+    summary = json.loads((out / "summary.json").read_text())
+    return RunResult(out, cfg, metrics, summary)
+
+
+__all__ = ["train", "RunResult", "evaluate", "load_checkpoint", "METRIC_COLUMNS"]
