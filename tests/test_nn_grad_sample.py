@@ -20,6 +20,7 @@ from torch import nn
 
 import dpquant_sim.nn as qnn
 from dpquant_sim.nn import QConv2d, QLinear
+from dpquant_sim.errors import ConfigError
 from dpquant_sim.nn.config import RECIPES, LayerQuantConfig
 from dpquant_sim.plan import EpochPlan
 
@@ -281,7 +282,8 @@ def test_privacy_engine_poisson_training_with_plan_switches():
     """make_private (hooks mode, Poisson sampling) trains a converted model through plan switches."""
     model = cnn(torch.float32)
     g = torch.Generator().manual_seed(4)
-    data = torch.utils.data.TensorDataset(torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 3, (32,), generator=g))
+    data = torch.utils.data.TensorDataset(torch.randn(32, 1, 8, 8, generator=g),
+                                          torch.randint(0, 3, (32,), generator=g))
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     pe = PrivacyEngine(accountant="rdp")
     gsm, opt, loader = pe.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
@@ -296,3 +298,17 @@ def test_privacy_engine_poisson_training_with_plan_switches():
             opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert pe.get_epsilon(1e-5) > 0
+
+
+@pytest.mark.parametrize("mode", ["functorch", "ew"])
+def test_other_grad_sample_modes_are_refused_clearly(mode):
+    from opacus.grad_sample import GradSampleModuleExpandedWeights
+
+    model = cnn(torch.float32)
+    qnn.apply_plan(model, {"5": "fp8"})
+    if mode == "functorch":
+        gsm = GradSampleModule(model, force_functorch=True)
+    else:
+        gsm = GradSampleModuleExpandedWeights(model)
+    with pytest.raises(ConfigError, match="hooks"):
+        gsm(torch.randn(2, 1, 8, 8)).sum().backward()

@@ -361,3 +361,18 @@ def test_generator_states_resume_exactly(tmp_path):
     assert not torch.equal(run(m3, 1, start=1)[0], full[1])
     with pytest.raises(ConfigError, match="generator states"):
         qnn.set_generator_states(m3, {"0": loaded["0"]})
+
+
+def test_unbatched_inputs_are_one_sample():
+    lin = QLinear(8, 3, qconfig="fp6", generator=gen())
+    conv = QConv2d(2, 3, 3, qconfig="mxfp8", generator=gen())
+    x, xc = torch.randn(8), torch.randn(2, 5, 5)
+    assert torch.equal(lin(x), lin(x[None])[0])
+    assert torch.equal(conv(xc), conv(xc[None])[0])
+
+
+def test_module_registered_twice_stays_one_module():
+    shared = nn.Linear(4, 4)
+    model = qnn.convert_model(nn.Sequential(shared, nn.ReLU(), shared))
+    assert model[0] is model[2] and isinstance(model[0], QLinear)
+    assert qnn.quantizable_layers(model) == ["0"]

@@ -186,22 +186,30 @@ def _headline(summary: pd.DataFrame) -> pd.DataFrame:
     return head.reset_index()
 
 
+KIND_ORDER = {"fp32": 0, "static-all": 1, "static-subset": 2, "random": 3, "dpquant": 4}
+
+
 def headline_table(summary: pd.DataFrame, accelerators: Sequence[str] | None = None) -> pd.DataFrame:
-    """Compact headline: schedule, accuracy (mean +- std), epsilon, theoretical speedup per accelerator."""
+    """Compact headline: schedule, final test accuracy (mean, +- std over seeds when > 1), epsilon spent, and
+    the theoretical speedup over the same run in bf16 on each accelerator (one column per accelerator)."""
     head = _headline(summary)
     if head.empty:
         return head
-    out = pd.DataFrame({"schedule": head["schedule"]})
-    for c in ("dataset", "model"):
+    head = head.iloc[sorted(range(len(head)), key=lambda i: (KIND_ORDER.get(head["schedule"].iloc[i].split()[0], 9),
+                                                              head["schedule"].iloc[i]))]
+    out = pd.DataFrame({"schedule": head["schedule"].to_numpy()})
+    for c in ("model", "dataset"):
         if c in head.columns:
-            out.insert(0, c, head[c])
-    out["accuracy"] = [f"{m:.3f} +- {s:.3f}" for m, s in zip(head["test_acc_mean"], head["test_acc_std"])]
-    out["epsilon"] = head["epsilon"].map(lambda v: f"{v:.2f}" if pd.notna(v) else "-")
+            out.insert(0, c, head[c].to_numpy())
+    multi = (head["seeds"] > 1).any()
+    out["accuracy"] = [f"{m:.3f} +- {s:.3f}" if multi else f"{m:.3f}"
+                       for m, s in zip(head["test_acc_mean"], head["test_acc_std"])]
+    out["epsilon"] = [f"{v:.2f}" if pd.notna(v) else "-" for v in head["epsilon"]]
     for c in head.columns:
         if c.startswith("theo_x_"):
             a = c[len("theo_x_"):]
             if accelerators is None or a in accelerators:
-                out[f"{a} speedup (theor.)"] = head[c].map(lambda v: f"{v:.2f}x" if pd.notna(v) else "-")
+                out[a] = [f"{v:.2f}x" if pd.notna(v) else "-" for v in head[c]]
     return out
 
 

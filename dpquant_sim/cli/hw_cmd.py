@@ -67,7 +67,8 @@ def hw_show(
             t.add_row(prec, f"{e.value:g} {e.unit}", prec, "yes" if e.dense else "from sparse",
                       "yes" if e.uncertain else "", f"{e.source}\n{e.note}".strip())
         else:
-            t.add_row(prec, f"{p.peak_flops(prec) / 1e12:g} (fallback)", p.resolve(prec), "", "", e.note)
+            t.add_row(prec, f"{p.peak_flops(prec) / 1e12:g} (fallback)", p.resolve(prec), "",
+                      "yes" if e.uncertain else "", e.note)
     c.print(t)
     t2 = Table(title="memory, power, efficiency")
     for col in ("key", "value", "uncertain", "source / note"):

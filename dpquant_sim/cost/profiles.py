@@ -79,6 +79,7 @@ class Unsupported(_Model):
     supported: Literal[False]
     fallback: Precision
     note: str = ""
+    uncertain: bool = False  # the absence of a native path (or its rate) is itself uncertain
 
 
 def _peak_tag(v: Any) -> str:
@@ -315,7 +316,7 @@ class HardwareProfile(_Model):
         out = []
         for prec in PRECISIONS:
             e = getattr(self.peaks, prec)
-            if isinstance(e, Peak) and e.uncertain:
+            if e.uncertain:
                 out.append(f"peaks.{prec}")
         for key, q in (("vector", self.vector), ("memory.bandwidth", self.memory.bandwidth),
                        ("memory.capacity", self.memory.capacity), ("onchip", self.onchip), ("tdp", self.tdp),

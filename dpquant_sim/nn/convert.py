@@ -101,10 +101,13 @@ def convert_model(model: nn.Module, *, seed: int = 0) -> nn.Module:
     if type(model) in (nn.Linear, nn.Conv2d):
         model = _to_q(model)
     else:
+        done: dict[int, nn.Module] = {}  # a module registered under two parents becomes one Q module
         for parent in list(model.modules()):
-            for child_name, child in list(parent.named_children()):
+            for child_name, child in list(parent._modules.items()):  # named_children() skips repeats
                 if type(child) in (nn.Linear, nn.Conv2d):
-                    setattr(parent, child_name, _to_q(child))
+                    if id(child) not in done:
+                        done[id(child)] = _to_q(child)
+                    setattr(parent, child_name, done[id(child)])
     set_generators(model, seed)
     return model
 

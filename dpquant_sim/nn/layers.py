@@ -44,6 +44,8 @@ Example:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,6 +55,11 @@ from dpquant_sim.nn.config import LayerQuantConfig, get_recipe
 from dpquant_sim.numerics.spec import QuantSpec
 
 _BLOCK_SCALINGS = ("mx", "nvfp4")
+
+# Expected, not a problem: a quantized first layer (input needs no gradient) has its backward pre-hook run at
+# the output gradient, which is exactly what we rely on; PyTorch warns about that situation on every backward.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect "
+                        "to module outputs since no inputs require gradients")
 
 
 def _apply_spec(t: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None) -> torch.Tensor:
@@ -143,6 +150,12 @@ def _input_pre_hook(module: "_QuantMixin", args: tuple) -> tuple | None:
     cfg = module._qconfig
     if cfg is None or not args or not isinstance(args[0], torch.Tensor):
         return None
+    if torch._C._are_functorch_transforms_active():
+        raise ConfigError(
+            "grad_sample_mode", "functorch (a torch.func transform is active)",
+            "'hooks': a quantized Q layer quantizes its output gradient in a backward hook, which torch.func "
+            "transforms (vmap/grad) bypass, so per-sample gradients would not be those of the quantized layer",
+        )
     x = args[0]
     conv = module._is_conv
     unbatched = not _batched(x, conv)
@@ -229,7 +242,10 @@ class _QuantMixin:
     def _quant_weight(self) -> torch.Tensor:
         cfg = self._qconfig
         assert cfg is not None
-        return _WeightFakeQuant.apply(self.weight, cfg.weight, self.generator, self._is_conv)  # type: ignore[attr-defined]
+        if type(self.weight).__name__ == "ExpandedWeight":  # type: ignore[attr-defined]
+            raise ConfigError("grad_sample_mode", "ew", "'hooks' (expanded weights bypass the Q layer's hooks)")
+        w = self.weight  # type: ignore[attr-defined]
+        return _WeightFakeQuant.apply(w, cfg.weight, self.generator, self._is_conv)
 
     def _quant_repr(self) -> str:
         return f", qconfig={self._qconfig.name if self._qconfig is not None else None}"

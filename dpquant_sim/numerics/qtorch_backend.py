@@ -11,11 +11,15 @@ tests/test_numerics_qtorch.py):
   e4m3fn NaN code) and fp8_e5m2's is 114688; +-inf and NaN become +-max; values above max saturate;
 * stochastic rounding draws from the C library's ``rand()``: no torch.Generator, not reproducible by seed
   (the ``generator`` argument is ignored);
-* int formats use ``fixed_point_quantize`` (symmetric clamp to +-qmax, ties away from zero as above).
+* int formats use ``fixed_point_quantize`` (symmetric clamp to +-qmax); there qtorch rounds ties to even
+  (``nearbyint``), like the default backend;
+* subnormal ties also go away from zero (e4m3: 2^-10 -> 2^-9, ours -> 0).
 
 Example (needs qtorch):
-    >>> quantize(torch.tensor([464.0]), "fp8_e4m3", backend="qtorch")  # doctest: +SKIP
-    tensor([480.])
+    >>> quantize(torch.tensor([470.0, 1.25]), "fp8_e4m3", backend="qtorch")  # doctest: +SKIP
+    tensor([480.0000, 1.2500])
+    >>> quantize(torch.tensor([1.25]), "fp4_e2m1", backend="qtorch")  # tie away from zero  # doctest: +SKIP
+    tensor([1.5000])
 """
 
 from __future__ import annotations

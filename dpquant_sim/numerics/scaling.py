@@ -68,7 +68,8 @@ def _group_amax(x: torch.Tensor, keep_dim: int | None) -> torch.Tensor:
 def _apply_scale(x, f, amax, q):
     """q(x * s) / s with s = fmt.max / amax; groups with amax 0 or non-finite are left unscaled."""
     ok = (amax > 0) & torch.isfinite(amax)
-    scale = torch.where(ok, f.max / torch.where(ok, amax, torch.ones_like(amax)), torch.ones_like(amax))
+    # full_like: `scalar / tensor` in torch is reciprocal(tensor) * scalar, which is not correctly rounded
+    scale = torch.where(ok, torch.full_like(amax, f.max) / torch.where(ok, amax, 1.0), 1.0)
     return q(x * scale) / scale
 
 
@@ -165,10 +166,12 @@ def quantize_scaled(
         xb, n = _blocks(xs, block_size or NVFP4_BLOCK, pad)
         amax_s = xs.abs().reshape(xs.shape[0], -1).amax(dim=1)
         ok = (amax_s > 0) & torch.isfinite(amax_s)
-        S = torch.where(ok, (_E4M3_MAX * _FP4_MAX) / torch.where(ok, amax_s, 1.0), 1.0)
+        S = torch.where(ok, torch.full_like(amax_s, _E4M3_MAX * _FP4_MAX) / torch.where(ok, amax_s, 1.0), 1.0)
         S = S.reshape(-1, *([1] * (xb.dim() - 1)))
         bamax = xb.abs().amax(dim=-1, keepdim=True)
-        sb = quantize(bamax / _FP4_MAX * S, "fp8_e4m3", rounding="nearest", overflow="saturate")
+        # true division (torch turns division by a Python scalar into multiplication by its rounded reciprocal)
+        d = bamax / torch.full_like(bamax, _FP4_MAX) * S
+        sb = quantize(d, "fp8_e4m3", rounding="nearest", overflow="saturate")
         enc = torch.where(sb > 0, S / torch.where(sb > 0, sb, 1.0), 0.0)
         dec = sb / S
         yb = q(xb * enc, "saturate") * dec

@@ -20,8 +20,11 @@ True
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
 
 from dpquant_sim.errors import ConfigError, PrivacyBudgetExceeded
 
@@ -73,9 +76,12 @@ def compose_epsilon(mechs: Sequence[Mechanism], delta: float, accountant: str = 
         return 0.0
     acc = _make_accountant(accountant)
     acc.history = hist
-    if accountant == "prv":
-        return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
-    return float(acc.get_epsilon(delta=delta))
+    # q = 1 makes opacus's PRV take log(0) on a masked branch; RDP warns when the best order is the largest
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        if accountant == "prv":
+            return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
+        return float(acc.get_epsilon(delta=delta))
 
 
 class PrivacyLedger:
@@ -141,8 +147,9 @@ class PrivacyLedger:
         acc = _make_accountant("prv")
         acc.history = self.history
         delta_error = delta / 1000
-        dprv = acc._get_dprv(eps_error=PRV_EPS_ERROR, delta_error=delta_error)
-        lo, est, hi = dprv.compute_epsilon(delta, delta_error, PRV_EPS_ERROR)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dprv = acc._get_dprv(eps_error=PRV_EPS_ERROR, delta_error=delta_error)
+            lo, est, hi = dprv.compute_epsilon(delta, delta_error, PRV_EPS_ERROR)
         return float(lo), float(est), float(hi)
 
     def steps_of(self, name: str = DPSGD) -> int:

@@ -59,7 +59,7 @@ def read_ppm(path: Path) -> np.ndarray:
     n = w * h * ch
     if magic in (b"P6", b"P5"):
         body = data[pos + 1 :]
-        dtype = np.dtype(">u2") if maxval > 255 else np.uint8
+        dtype = np.dtype(">u2") if maxval > 255 else np.dtype(np.uint8)
         if len(body) < n * dtype.itemsize:
             raise DatasetError(f"{str(path)!r}: {len(body)} pixel bytes, expected {n * dtype.itemsize} for {w}x{h}")
         arr = np.frombuffer(body, dtype=dtype, count=n).astype(np.float64)

@@ -1,0 +1,156 @@
+"""``dpquant-sim train``: one training run from flags and/or a YAML config.
+
+Flags override the YAML file; anything not given takes the TrainConfig default. Bad values end with one
+error line naming the flag's field, the value and what is allowed (exit 2).
+
+    dpquant-sim train --dataset digits --model cnn --epochs 5 --epsilon 8 --delta 1e-5 \\
+        --quantize fp8 --schedule static-all --out runs/x
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from dpquant_sim.errors import ConfigError
+
+
+def _parse_opts(items: list[str] | None, flag: str) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for it in items or []:
+        if "=" not in it:
+            raise ConfigError(flag, it, "KEY=VALUE, e.g. temperature=0.5")
+        k, v = it.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def build_config(config: Optional[Path], flags: dict[str, Any], schedule_opts: dict[str, Any],
+                 prune: dict[str, Any], drop: dict[str, Any]):
+    """Merge YAML (if any) and flags into a validated TrainConfig (raises ConfigError)."""
+    from dpquant_sim.training.config import TrainConfig
+
+    data: dict[str, Any] = {}
+    if config is not None:
+        data = TrainConfig.from_yaml(config).model_dump(mode="json", exclude_unset=False)
+    for k, v in flags.items():
+        if v is not None:
+            data[k] = v
+    sched = dict(data.get("schedule") or {"kind": "fp32"})
+    if flags.get("_schedule") is not None and flags["_schedule"] != sched.get("kind"):
+        sched = {"kind": flags["_schedule"]}
+    sched.update(schedule_opts)
+    data["schedule"] = sched
+    data.pop("_schedule", None)
+    for key, extra in (("prune", prune), ("drop", drop)):
+        if extra:
+            data[key] = {**(data.get(key) or {}), **extra}
+    return TrainConfig.parse(data, source="dpquant-sim train")
+
+
+def register(app: typer.Typer) -> None:
+    from dpquant_sim.nn.config import RECIPES
+    from dpquant_sim.schedules.configs import SCHEDULE_KINDS
+
+    recipes = ", ".join(RECIPES)
+    kinds = ", ".join(SCHEDULE_KINDS)
+
+    @app.command("train")
+    def train_cmd(
+        out: Path = typer.Option(..., "--out", "-o", help="Run directory (created; rerunning resumes it)."),
+        config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of TrainConfig fields; "
+                                              "flags given here override it."),
+        dataset: Optional[str] = typer.Option(None, help="digits | synthetic | emnist | gtsrb | cifar10 "
+                                              "(default digits; the last three read --data-dir)."),
+        data_dir: Optional[str] = typer.Option(None, help="Folder with the dataset's files (emnist idx, gtsrb "
+                                               "images+CSV, cifar10 binary batches). Nothing is downloaded."),
+        n_train: Optional[int] = typer.Option(None, help="Synthetic: training examples (default 2048). Real "
+                                              "datasets: keep a seeded subset of this size."),
+        n_test: Optional[int] = typer.Option(None, help="As --n-train, for the test set (synthetic default 512)."),
+        model: Optional[str] = typer.Option(None, help="mlp | cnn | resnet18 | resnet50 | densenet121 "
+                                            "(default cnn)."),
+        epochs: Optional[int] = typer.Option(None, help="Training epochs, >= 1 (default 15)."),
+        batch_size: Optional[int] = typer.Option(None, help="Expected (Poisson) batch size in examples; sample "
+                                                 "rate = batch/n_train; at most the training set size "
+                                                 "(default 256)."),
+        physical_batch_size: Optional[int] = typer.Option(None, help="Split batches into chunks of at most this "
+                                                          "many examples (memory only; same result)."),
+        lr: Optional[float] = typer.Option(None, help="Learning rate, > 0 (default 2.0 for DP-SGD)."),
+        optimizer: Optional[str] = typer.Option(None, help="sgd | adam (DP-SGD / DP-Adam; default sgd)."),
+        momentum: Optional[float] = typer.Option(None, help="SGD momentum in [0, 1) (default 0)."),
+        weight_decay: Optional[float] = typer.Option(None, help="Weight decay, >= 0 (default 0)."),
+        private: Optional[bool] = typer.Option(None, "--private/--non-private", help="DP-SGD with clipping, "
+                                               "noise and accounting (default), or plain training."),
+        epsilon: Optional[float] = typer.Option(None, help="Target epsilon (> 0) at --delta for all epochs; the "
+                                                "noise multiplier is calibrated to it (default 8)."),
+        noise_multiplier: Optional[float] = typer.Option(None, help="Fixed noise multiplier sigma (noise std = "
+                                                         "sigma x clip norm) instead of calibrating; with "
+                                                         "--epsilon the run refuses to exceed it."),
+        delta: Optional[float] = typer.Option(None, help="Delta, 0 < delta < 1 (default 1e-5)."),
+        max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", "--clip",
+                                                      help="Per-example L2 clipping norm C, > 0 (default 1.0)."),
+        accountant: Optional[str] = typer.Option(None, help="rdp | prv (default rdp)."),
+        quantize: Optional[str] = typer.Option(None, "--quantize", "--recipe",
+                                               help=f"Quantization recipe of quantized layers: {recipes} "
+                                                    "(default fp8)."),
+        schedule: Optional[str] = typer.Option(None, help=f"Which layers are quantized each epoch: {kinds} "
+                                               "(default fp32 = none)."),
+        budget: Optional[float] = typer.Option(None, help="Expected quantized share per epoch in (0, 1] (of GEMM "
+                                               "FLOPs, or of layers with --budget-unit layers); for "
+                                               "static-subset, random, dpquant."),
+        budget_unit: Optional[str] = typer.Option(None, help="flops | layers (default flops)."),
+        schedule_opt: Optional[list[str]] = typer.Option(None, "--schedule-opt", help="Extra schedule field "
+                                                         "KEY=VALUE (repeatable), e.g. temperature=0.5, "
+                                                         "interval=2, noise_multiplier=2."),
+        prune_sparsity: Optional[float] = typer.Option(None, help="Pre-prune this share of weights, [0, 1)."),
+        prune_method: Optional[str] = typer.Option(None, help="random | magnitude | snip-free."),
+        prune_structure: Optional[str] = typer.Option(None, help="unstructured | channel."),
+        drop_keep: Optional[float] = typer.Option(None, help="Gradient dropping: share of coordinates kept per "
+                                                  "step, (0, 1]."),
+        drop_method: Optional[str] = typer.Option(None, help="random | magnitude (gradient dropping)."),
+        eval_quantized: Optional[bool] = typer.Option(None, "--eval-quantized/--eval-fp32",
+                                                      help="Evaluate with the epoch's plan, or in fp32 (default)."),
+        seed: Optional[int] = typer.Option(None, help="Run seed, >= 0: init, sampling, noise, rounding, "
+                                           "schedule (default 0)."),
+        data_seed: Optional[int] = typer.Option(None, help="Seed of the data split / synthetic data (default 0)."),
+        threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: leave as is)."),
+        device: Optional[str] = typer.Option(None, help="cpu | cuda (default cpu)."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (terminals only)."),
+    ) -> None:
+        """Train one model with DP-SGD / DP-Adam (or without DP) while a schedule picks quantized layers.
+
+        Writes OUT/config.yaml, run_info.json, metrics.csv (one row per epoch: accuracy, loss, epsilon at
+        delta, noise multiplier, sample rate, steps, quantized layers, FLOP share, plan), checkpoint.pt and,
+        when complete, summary.json. Rerunning the same command resumes an interrupted run.
+        """
+        from dpquant_sim.training.engine import train
+
+        flags = dict(dataset=dataset, data_dir=data_dir, n_train=n_train, n_test=n_test, model=model,
+                     epochs=epochs, batch_size=batch_size, physical_batch_size=physical_batch_size, lr=lr,
+                     optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, private=private,
+                     epsilon=epsilon, noise_multiplier=noise_multiplier, delta=delta, max_grad_norm=max_grad_norm,
+                     accountant=accountant, recipe=quantize, eval_quantized=eval_quantized, seed=seed,
+                     data_seed=data_seed, threads=threads, device=device, _schedule=schedule)
+        sopts = _parse_opts(schedule_opt, "--schedule-opt")
+        if budget is not None:
+            sopts["budget"] = budget
+        if budget_unit is not None:
+            sopts["budget_unit"] = budget_unit
+        prune = {k: v for k, v in (("sparsity", prune_sparsity), ("method", prune_method),
+                                   ("structure", prune_structure)) if v is not None}
+        drop = {k: v for k, v in (("keep", drop_keep), ("method", drop_method)) if v is not None}
+        cfg = build_config(config, flags, sopts, prune, drop)
+        res = train(cfg, out, progress=progress)
+        s = res.summary
+        eps = "inf (non-private)" if not cfg.private else f"{s['epsilon']:.3f} at delta={cfg.delta:g} ({cfg.accountant})"
+        msg = (f"{out}: {s['epochs_completed']}/{cfg.epochs} epochs, test_acc={s['test_acc']:.4f}, epsilon={eps}, "
+               f"noise_multiplier={s['noise_multiplier']:.4g}, mean quantized FLOP share="
+               f"{s['mean_quantized_flop_share']:.3f}")
+        if s.get("stopped"):
+            msg += f"; stopped: {s['stopped']}"
+        typer.echo(msg)

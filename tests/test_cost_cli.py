@@ -1,0 +1,117 @@
+"""`dpquant-sim hw ...` / `dpquant-sim cost ...` and cost_run on a fabricated run directory."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from dpquant_sim.cli import main
+from dpquant_sim.cost.model import step_cost
+from dpquant_sim.cost.profiles import get_profile
+from dpquant_sim.cost.run import build_shapes, cost_run, estimator_forward_s
+from dpquant_sim.plan import EpochPlan
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_hw_list_show_validate(capsys, tmp_path):
+    code, out, _ = _cli(capsys, "hw", "list")
+    assert code == 0 and "h100_sxm" in out and "tpu7x" in out and "-> bf16" in out
+    code, out, _ = _cli(capsys, "hw", "show", "a100_sxm")
+    assert code == 0 and "fallback" in out and "https://" in out
+    code, out, _ = _cli(capsys, "hw", "show", "b300", "--json")
+    assert code == 0 and json.loads(out)["peaks"]["int8"]["slower_than_fallback"] is True
+    code, _, err = _cli(capsys, "hw", "show", "nope")
+    assert code == 2 and "hw='nope'" in err
+    bad = tmp_path / "bad_chip.yaml"
+    bad.write_text(yaml.safe_dump({"name": "bad_chip"}))
+    code, _, err = _cli(capsys, "hw", "validate", str(tmp_path))
+    assert code == 2 and str(bad) in err and "missing required key" in err
+
+
+def test_cost_json_static_all(capsys):
+    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "1x8x8", "--batch", "64", "--hw",
+                        "h100_sxm,a100_sxm", "--schedule", "static-all", "--format", "fp8", "--json")
+    assert code == 0
+    res = json.loads(out)
+    assert [r["hw"] for r in res["results"]] == ["h100_sxm", "a100_sxm"]
+    assert all(r["quantized_flop_share"] == 1.0 for r in res["results"])
+    h100, a100 = res["results"]
+    assert h100["speedup_vs_bf16_theoretical"] > 1.0
+    assert a100["speedup_vs_bf16_theoretical"] == pytest.approx(1.0)  # A100 fp8 runs as bf16
+
+
+def test_cost_table_budget_and_all(capsys):
+    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "1x8x8", "--hw", "all", "--schedule",
+                        "static-subset", "--budget", "0.5")
+    assert code == 0 and "tpu_v5e" in out and "jetson_agx_orin" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "mlp", "--input", "1xAx8"], "--input='1xAx8'"),
+    (["--model", "mlp", "--input", "1x8x8", "--hw", "h900"], "--hw='h900'"),
+    (["--model", "mlp", "--input", "1x8x8", "--schedule", "dpquant"], "--run RUN_DIR"),
+    (["--model", "mlp", "--input", "1x8x8", "--format", "fp3"], "recipe='fp3'"),
+    (["--model", "mlp", "--input", "1x8x8", "--budget", "2"], "--budget=2.0"),
+    (["--model", "mlp", "--input", "1x8x8", "--base", "fp8"], "--base='fp8'"),
+    (["--model", "mlp"], "--model/--input"),
+])
+def test_cost_bad_flags_one_error(capsys, argv, needle):
+    code, out, err = _cli(capsys, "cost", *argv)
+    assert code == 2 and needle in err and "Traceback" not in err
+
+
+def _fake_run(tmp_path, kind="dpquant"):
+    shapes = build_shapes("mlp", (1, 8, 8), 10)
+    layers = [s.name for s in shapes if s.is_gemm]
+    plans = [EpochPlan(0, {}), EpochPlan(1, {layers[0]: "fp8"}), EpochPlan(2, {n: "fp4" for n in layers})]
+    info = {"model": "mlp", "dataset": "digits", "input_shape": [1, 8, 8], "num_classes": 10, "n_train": 1000,
+            "batch_size": 100, "sample_rate": 0.1, "steps_per_epoch": 10, "quantizable_layers": layers}
+    (tmp_path / "run_info.json").write_text(json.dumps(info))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
+        {"model": "mlp", "private": True, "optimizer": "sgd", "momentum": 0.9,
+         "schedule": {"kind": kind, "interval": 2, "sample_rate": 0.05}}))
+    pd.DataFrame({"epoch": [0, 1, 2], "plan": [p.to_json() for p in plans], "steps": [10, 20, 30]}).to_csv(
+        tmp_path / "metrics.csv", index=False)
+    return shapes, plans, layers
+
+
+def test_cost_run_matches_scalar_model(tmp_path):
+    shapes, plans, layers = _fake_run(tmp_path)
+    df = cost_run(tmp_path, ["h100_sxm", "gaudi3"])
+    assert len(df) == 6 and list(df["epoch"].unique()) == [0, 1, 2]
+    h100 = get_profile("h100_sxm")
+    # estimator: every 2 epochs, (L + 1) forwards over 0.05 * 1000 = 50 examples
+    t_f, r_f = estimator_forward_s(shapes, h100, 50.0)
+    est = (len(layers) + 1) * t_f / 2
+    for e, plan in enumerate(plans):
+        row = df[(df["epoch"] == e) & (df["hw"] == "h100_sxm")].iloc[0]
+        sc = step_cost(shapes, plan, h100, batch=100.0, optimizer="momentum")
+        assert row["time_theoretical_s"] == pytest.approx(10 * sc.theoretical_s + est, rel=1e-9)
+        assert row["throughput_theoretical"] == pytest.approx(1000 / row["time_theoretical_s"])
+        assert row["energy_j"] == pytest.approx(row["time_roofline_s"] * 700)
+        assert row["quantized_flop_share"] == pytest.approx(sc.quantized_flop_share)
+    fp32_epoch = 10 * step_cost(shapes, None, h100, batch=100.0, base="fp32", optimizer="momentum").theoretical_s
+    r0 = df[(df["epoch"] == 0) & (df["hw"] == "h100_sxm")].iloc[0]
+    assert r0["speedup_vs_fp32_theoretical"] == pytest.approx(fp32_epoch / r0["time_theoretical_s"], rel=1e-9)
+
+
+def test_cost_cli_run(capsys, tmp_path):
+    _fake_run(tmp_path, kind="random")
+    code, out, _ = _cli(capsys, "cost", "--run", str(tmp_path), "--hw", "b200", "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert len(rows) == 3 and rows[0]["estimator_theoretical_s"] == 0.0
+    code, _, err = _cli(capsys, "cost", "--run", str(tmp_path / "missing"))
+    assert code == 2 and "run=" in err
