@@ -34,7 +34,10 @@ class SpyLedger:
         from opacus.accountants import RDPAccountant
 
         acc = RDPAccountant()
-        acc.history = [(s, q, t) for _, s, q, t in self.calls]
+        merged: dict = {}
+        for _, s, q, t in self.calls:
+            merged[(s, q)] = merged.get((s, q), 0) + t
+        acc.history = [(s, q, t) for (s, q), t in merged.items()]
         return acc.get_epsilon(self.delta) if self.calls else 0.0
 
 

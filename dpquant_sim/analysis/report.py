@@ -13,7 +13,7 @@ Sections (each figure's data is also written as CSV under ``<report stem>_data/`
 
 plotly.js is embedded once; the page needs no network.
 
->>> # build_report("runs/demo")   # doctest: +SKIP -> runs/demo/report.html
+Example: ``build_report("runs/demo")`` writes runs/demo/report.html.
 """
 
 from __future__ import annotations

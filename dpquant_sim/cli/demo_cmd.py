@@ -82,6 +82,7 @@ def demo(
     model: str = typer.Option("cnn", help="mlp, cnn, resnet18, ..."),
     accelerators: str = typer.Option(",".join(DEMO_ACCELERATORS), help="comma-separated profile names"),
     workers: Optional[int] = typer.Option(None, min=1, help="parallel runs (default: CPU count)"),
+    n_train: Optional[int] = typer.Option(None, min=64, help="train on a seeded subset of digits (quicker)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Run the end-to-end demo and print where the report is plus the headline comparison."""
@@ -90,7 +91,8 @@ def demo(
 
     accs = [a.strip() for a in accelerators.split(",") if a.strip()]
     report, head = run_demo(out, progress=not quiet, epochs=epochs, seeds=seeds, recipe=recipe, budget=budget,
-                            epsilon=epsilon, model=model, accelerators=accs, workers=workers)
+                            epsilon=epsilon, model=model, accelerators=accs, workers=workers,
+                            n_train=n_train)
     table = Table(title=f"demo: {model} on digits, DP-SGD epsilon {epsilon:g}, {recipe} recipe, budget {budget:g}")
     for c in head.columns:
         table.add_column(str(c), justify="left" if c == "schedule" else "right", no_wrap=c == "schedule")

@@ -124,10 +124,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train one model with DP-SGD / DP-Adam (or without DP) while a schedule picks quantized layers.
 
-        Writes OUT/config.yaml, run_info.json, metrics.csv (one row per epoch: accuracy, loss, epsilon at
-        delta, noise multiplier, sample rate, steps, quantized layers, FLOP share, plan), checkpoint.pt and,
-        when complete, summary.json. Rerunning the same command resumes an interrupted run.
-        """
+        Writes OUT/config.yaml, run_info.json, metrics.csv (one row per epoch: accuracy, loss, epsilon at delta, noise multiplier, sample rate, steps, quantized layers, FLOP share, plan), checkpoint.pt and, when complete, summary.json. Rerunning the same command resumes an interrupted run.
+        """  # noqa: E501
         from dpquant_sim.training.engine import train
 
         flags = dict(dataset=dataset, data_dir=data_dir, n_train=n_train, n_test=n_test, model=model,

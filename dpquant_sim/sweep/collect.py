@@ -6,11 +6,12 @@ noise_multiplier, plan, ...), and the cost model's columns for that epoch on tha
 (``dpquant_sim.cost.run.cost_run``; a cost column whose name clashes with a metrics column gets the suffix
 ``_cost``). Written atomically as ``results.csv`` and ``results.parquet``.
 
->>> # df = collect_sweep("runs/tiny")   # doctest: +SKIP
+Example: ``df = collect_sweep("runs/tiny")``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -36,7 +37,9 @@ def _resolve_profiles(accelerators: Any) -> list[Any]:
 
 def _points_frame(out_dir: Path, points: Sequence[Any] | None) -> pd.DataFrame:
     if points is not None:
-        return pd.DataFrame([{**p.params(), "label": p.label} for p in points])
+        df = pd.DataFrame([{**p.params(), "label": p.label} for p in points])
+        # Round-trip through CSV so dtypes match a later collect from points.csv (None -> NaN etc.).
+        return pd.read_csv(io.StringIO(df.to_csv(index=False)))
     idx = out_dir / "points.csv"
     if idx.is_file():
         return pd.read_csv(idx)

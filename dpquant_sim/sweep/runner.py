@@ -8,7 +8,7 @@ Layout of a sweep folder::
     OUT/runs/<id>/error.txt   traceback of the last failed attempt (removed when the point later succeeds)
     OUT/results.csv|.parquet  the tidy table: runs x epochs x accelerators (see collect.py)
 
->>> # run_sweep(SweepConfig.from_yaml("analysis/sweeps/tiny.yaml"), "runs/tiny")  # doctest: +SKIP
+Example: ``run_sweep(SweepConfig.from_yaml("analysis/sweeps/tiny.yaml"), "runs/tiny")``.
 """
 
 from __future__ import annotations

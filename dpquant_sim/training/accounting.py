@@ -78,7 +78,7 @@ def compose_epsilon(mechs: Sequence[Mechanism], delta: float, accountant: str = 
     acc.history = hist
     # q = 1 makes opacus's PRV take log(0) on a masked branch; RDP warns when the best order is the largest
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        warnings.filterwarnings("ignore", message="Optimal order is the")
         if accountant == "prv":
             return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
         return float(acc.get_epsilon(delta=delta))
@@ -236,18 +236,71 @@ def calibrate_noise(
     def eps(sigma: float) -> float:
         return compose_epsilon(list(build(sigma)), delta, accountant)
 
+    # 1) bracket cheaply with integer RDP orders only: an upper bound on epsilon, so its sigma is >= ours
+    def eps_proxy(sigma: float) -> float:
+        return _rdp_integer_orders_epsilon(list(build(sigma)), delta)
+
     lo, hi = 0.0, 1.0
-    e_hi = eps(hi)
-    while e_hi > epsilon:
+    while eps_proxy(hi) > epsilon:
         lo, hi = hi, 2 * hi
         if hi > 1e6:
-            raise PrivacyBudgetExceeded(f"no noise multiplier up to 1e6 reaches epsilon={epsilon} at delta={delta}")
-        e_hi = eps(hi)
-    while epsilon - e_hi > tolerance and hi - lo > 1e-6:
+            floor = eps(1e6)
+            raise PrivacyBudgetExceeded(
+                f"no DP-SGD noise multiplier reaches epsilon={epsilon} at delta={delta}: the other planned "
+                f"mechanisms (e.g. the schedule's estimator) alone spend about {floor:.3f}; raise epsilon or "
+                "their noise multiplier")
+    for _ in range(60):
         mid = 0.5 * (lo + hi)
-        e = eps(mid)
-        if e <= epsilon:
-            hi, e_hi = mid, e
+        if hi - lo <= 1e-4 * hi:
+            break
+        if eps_proxy(mid) <= epsilon:
+            hi = mid
         else:
             lo = mid
-    return hi
+    # 2) refine with the real accountant: [a, b] with eps(a) > epsilon >= eps(b), Illinois false position
+    b = hi
+    e_b = eps(b)
+    while e_b > epsilon:  # cannot happen for RDP (the proxy is an upper bound); PRV is tighter still
+        b *= 1.25
+        e_b = eps(b)
+    a = 0.7 * b
+    e_a = eps(a)
+    while e_a <= epsilon:
+        b, e_b = a, e_a
+        a *= 0.7
+        e_a = eps(a)
+    side = 0
+    for _ in range(40):
+        if epsilon - e_b <= tolerance or b - a <= 1e-6:
+            break
+        fa, fb = e_a - epsilon, e_b - epsilon
+        c = b - fb * (b - a) / (fb - fa)
+        if not a < c < b:
+            c = 0.5 * (a + b)
+        e_c = eps(c)
+        if e_c <= epsilon:
+            b, e_b = c, e_c
+            if side == -1:
+                e_a = epsilon + 0.5 * (e_a - epsilon)
+            side = -1
+        else:
+            a, e_a = c, e_c
+            if side == 1:
+                e_b = epsilon + 0.5 * (e_b - epsilon)
+            side = 1
+    # e_b may have been halved by the Illinois step; the returned sigma is the one with a real eps <= target
+    return b
+
+
+def _rdp_integer_orders_epsilon(mechs: Sequence[Mechanism], delta: float) -> float:
+    """RDP epsilon using integer orders 2..255 only (fast closed-form log-A); an upper bound on the full one
+    for the same orders subset, used only to bracket the calibration."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    orders = list(range(2, 64)) + [80, 128, 256]
+    hist = _history(mechs)
+    rdp = sum(compute_rdp(q=q, noise_multiplier=s, steps=t, orders=orders) for s, q, t in hist)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        e, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(e)

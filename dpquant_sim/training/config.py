@@ -169,17 +169,27 @@ def config_error(e: ValidationError, source: str | None = None) -> ConfigError:
     err = errs[0]
     loc = [str(p) for p in err.get("loc", ())]
     # drop the discriminator tag pydantic inserts for unions, e.g. schedule.random.budget -> schedule.budget
+    kind_tag = None
     if len(loc) >= 2 and loc[0] == "schedule" and loc[1] in ("fp32", "static-all", "static-subset", "random",
                                                                "dpquant"):
+        kind_tag = loc[1]
         loc = [loc[0]] + loc[2:]
     field = ".".join(loc) or "config"
     msg = str(err.get("msg", "a valid value"))
     typ = err.get("type", "")
     value = err.get("input")
     if typ == "extra_forbidden":
-        parent = TrainConfig if len(loc) == 1 else None
-        known = ", ".join(parent.model_fields) if parent else "the documented fields"
-        allowed = f"no such field (known: {known})"
+        if len(loc) == 1:
+            allowed = f"no such field (known: {', '.join(TrainConfig.model_fields)})"
+        elif kind_tag is not None:
+            from dpquant_sim.schedules import configs as sc
+
+            cls = next(c for c in (sc.Fp32Config, sc.StaticAllConfig, sc.StaticSubsetConfig, sc.RandomConfig,
+                                   sc.DPQuantConfig) if c.model_fields["kind"].default == kind_tag)
+            fields = [f for f in cls.model_fields if f != "kind"]
+            allowed = (f"no such field for schedule kind {kind_tag!r} (its fields: {', '.join(fields) or 'none'})")
+        else:
+            allowed = "no such field"
     elif typ == "missing":
         allowed = "a value (required)"
     elif typ in ("union_tag_invalid", "union_tag_not_found"):

@@ -354,7 +354,7 @@ class _Run:
                     out = self.gsm(self.x_train[ci])
                     loss = F.cross_entropy(out, self.y_train[ci])
                     loss.backward()
-                    loss_sum += float(loss) * len(ci)
+                    loss_sum += float(loss.detach()) * len(ci)
                     if i < len(chunks) - 1:
                         opt.signal_skip_step(do_skip=True)
                         opt.step()
@@ -369,7 +369,7 @@ class _Run:
                 out = self.model(self.x_train[ci])
                 loss = F.cross_entropy(out, self.y_train[ci], reduction="sum")
                 (loss / len(idx)).backward()
-                loss_sum += float(loss)
+                loss_sum += float(loss.detach())
             mask_plain_grads(self.model.parameters(), masks)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

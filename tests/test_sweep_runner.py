@@ -1,0 +1,143 @@
+"""Sweep runner end to end: process pool, skip finished points, failures, kill + resume, tidy table."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dpquant_sim.sweep.collect import collect_sweep, load_table
+from dpquant_sim.sweep.config import SweepConfig
+from dpquant_sim.sweep.runner import run_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+ACCELS = ["h100_sxm", "b200"]
+RAW = {
+    "name": "tiny",
+    "base": {"dataset": "digits", "model": "mlp", "epochs": 2, "batch_size": 64, "epsilon": 8, "recipe": "fp4"},
+    "grid": {"schedule": [{"kind": "fp32"}, {"kind": "static-all"}, {"kind": "random"}], "budget": [0.5]},
+    "accelerators": ACCELS,
+}
+
+
+def fake_point(config, run_dir: Path) -> None:
+    """A deterministic stand-in for training.engine.train: writes a complete run dir of the same layout
+    (config.yaml, run_info.json for the mlp on digits, metrics.csv with plans, summary.json last)."""
+    from dpquant_sim.io import atomic_write_df, atomic_write_json, atomic_write_text
+
+    run_dir = Path(run_dir)
+    if os.environ.get("DPQ_FAKE_FAIL_KIND") == config.schedule.kind:
+        raise RuntimeError(f"planted failure for {config.schedule.kind}")
+    delay = float(os.environ.get("DPQ_FAKE_DELAY", "0"))
+    if (run_dir / "summary.json").is_file():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+    layers = ["fc1", "fc2", "head"]
+    atomic_write_json(
+        run_dir / "run_info.json",
+        {"model": "mlp", "dataset": "digits", "input_shape": [1, 8, 8], "num_classes": 10, "n_train": 1437,
+         "batch_size": config.batch_size, "sample_rate": config.batch_size / 1437, "steps_per_epoch": 22,
+         "private": True},
+    )
+    kind = config.schedule.kind
+    rows = []
+    for e in range(config.epochs):
+        time.sleep(delay)
+        q = {} if kind == "fp32" else ({n: config.recipe for n in layers} if kind == "static-all" else
+                                       {layers[(e + config.seed) % 3]: config.recipe})
+        rows.append({"epoch": e, "train_loss": 1.0 / (e + 1), "test_loss": 1.0, "test_acc": 0.5 + 0.1 * e
+                     - 0.05 * len(q), "epsilon": 4.0 * (e + 1), "plan": json.dumps({"epoch": e, "quantized": q})})
+        atomic_write_df(run_dir / "metrics.csv", pd.DataFrame(rows))
+    atomic_write_json(run_dir / "summary.json", {"complete": True, "test_acc": rows[-1]["test_acc"]})
+
+
+def _cfg(**over) -> SweepConfig:
+    return SweepConfig.from_dict({**RAW, **over})
+
+
+def test_tiny_sweep_pool_table_and_skip(tmp_path):
+    res = run_sweep(_cfg(), tmp_path, workers=2, point_fn=fake_point, progress=False)
+    assert res.ok and len(res.finished) == 3 and not res.skipped
+    t = res.table
+    # runs x epochs x accelerators
+    assert len(t) == 3 * 2 * len(ACCELS)
+    assert set(t["accelerator"]) == set(ACCELS)
+    assert {"point_id", "schedule_kind", "epoch", "test_acc", "time_theoretical_s"} <= set(t.columns)
+    assert (tmp_path / "results.csv").is_file() and (tmp_path / "results.parquet").is_file()
+    pd.testing.assert_frame_equal(load_table(tmp_path).reset_index(drop=True), t, check_dtype=False)
+    # A rerun skips every point and rebuilds the identical table.
+    mtimes = {p: (tmp_path / "runs" / p / "summary.json").stat().st_mtime_ns for p in res.finished}
+    res2 = run_sweep(_cfg(), tmp_path, workers=2, point_fn=fake_point, progress=False)
+    assert sorted(res2.skipped) == sorted(res.finished) and not res2.finished
+    assert {p: (tmp_path / "runs" / p / "summary.json").stat().st_mtime_ns for p in res.finished} == mtimes
+    pd.testing.assert_frame_equal(res2.table, t)
+
+
+def test_failing_point_is_reported_kept_and_retried(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPQ_FAKE_FAIL_KIND", "random")
+    res = run_sweep(_cfg(), tmp_path, workers=1, point_fn=fake_point, progress=False)
+    assert len(res.failed) == 1 and len(res.finished) == 2
+    pid = next(iter(res.failed))
+    assert "planted failure" in (tmp_path / "runs" / pid / "error.txt").read_text()
+    assert res.table["point_id"].nunique() == 2  # only finished runs are collected
+    monkeypatch.delenv("DPQ_FAKE_FAIL_KIND")
+    res2 = run_sweep(_cfg(), tmp_path, workers=1, point_fn=fake_point, progress=False)
+    assert res2.finished == [pid] and len(res2.skipped) == 2 and res2.ok
+    assert not (tmp_path / "runs" / pid / "error.txt").exists()
+    assert res2.table["point_id"].nunique() == 3
+
+
+def test_kill_mid_sweep_then_resume_gives_same_table(tmp_path):
+    """SIGKILL a sweep process after its first point finished; rerun; the table equals an uninterrupted run."""
+    out = tmp_path / "killed"
+    script = textwrap.dedent(
+        f"""
+        import sys; sys.path.insert(0, {str(ROOT)!r})
+        from tests.test_sweep_runner import fake_point, _cfg
+        from dpquant_sim.sweep.runner import run_sweep
+        run_sweep(_cfg(), {str(out)!r}, workers=1, point_fn=fake_point, progress=False, collect=False)
+        """
+    )
+    env = {**os.environ, "DPQ_FAKE_DELAY": "1.0"}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(out.glob("runs/*/summary.json")):
+            assert proc.poll() is None, "sweep process ended before it could be killed"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    done_before = {p.parent.name for p in out.glob("runs/*/summary.json")}
+    assert len(done_before) >= 1 and len(done_before) < 3
+    kept = {p: (out / "runs" / p / "metrics.csv").read_bytes() for p in done_before}
+    res = run_sweep(_cfg(), out, workers=1, point_fn=fake_point, progress=False)
+    assert set(res.skipped) == done_before and res.ok
+    assert {p: (out / "runs" / p / "metrics.csv").read_bytes() for p in done_before} == kept
+    clean = run_sweep(_cfg(), tmp_path / "clean", workers=1, point_fn=fake_point, progress=False)
+    pd.testing.assert_frame_equal(res.table, clean.table)
+
+
+def test_real_engine_tiny_sweep(tmp_path):
+    """2 points, 1 epoch, mlp on digits, through training.engine.train and cost_run."""
+    cfg = _cfg(base={**RAW["base"], "epochs": 1}, grid={"schedule": [{"kind": "fp32"}, {"kind": "random"}],
+                                                        "budget": [0.5]})
+    res = run_sweep(cfg, tmp_path, workers=1, progress=False)
+    assert res.ok, res.failed
+    t = res.table
+    assert t["point_id"].nunique() == 2 and len(t) == 2 * len(ACCELS)
+    assert (t["epsilon"] <= 8.0 + 1e-9).all() and t["test_acc"].between(0, 1).all()
+    fp32 = t[t["schedule_kind"] == "fp32"]
+    # The fp32 run quantizes nothing: its theoretical speedup over bf16 is exactly 1.
+    assert fp32["speedup_vs_bf16_theoretical"].to_numpy() == pytest.approx(1.0)
+    again = collect_sweep(tmp_path, accelerators=ACCELS)
+    pd.testing.assert_frame_equal(again, t)
