@@ -141,3 +141,23 @@ def test_real_engine_tiny_sweep(tmp_path):
     assert fp32["speedup_vs_bf16_theoretical"].to_numpy() == pytest.approx(1.0)
     again = collect_sweep(tmp_path, accelerators=ACCELS)
     pd.testing.assert_frame_equal(again, t)
+
+
+def test_cli_dry_run_and_bad_config(tmp_path):
+    from dpquant_sim.cli import main
+
+    ok = tmp_path / "s.yaml"
+    ok.write_text("base: {dataset: digits, model: mlp, epochs: 1}\ngrid: {seed: [0, 1]}\naccelerators: [b200]\n")
+    from typer.testing import CliRunner
+
+    from dpquant_sim.cli import _register, app
+
+    _register()
+    r = CliRunner().invoke(app, ["sweep", str(ok), "--out", str(tmp_path / "o"), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "2 points" in r.output and r.output.count("todo") == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid: {seeds: [0]}\n")
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", str(bad), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2

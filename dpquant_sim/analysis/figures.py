@@ -31,10 +31,16 @@ _EXTRA_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f
 TEMPLATE = "plotly_white"
 
 
+_DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
+
+
 def color_for(name: str, _cache: dict[str, str] = {}) -> str:  # noqa: B006 - deliberate process-wide cache
-    """Stable colour for a schedule kind / label."""
+    """Stable colour for a schedule kind or a label starting with one ('random b=0.5 fp4' -> random's)."""
     if name in SCHEDULE_COLORS:
         return SCHEDULE_COLORS[name]
+    head = name.split(" ", 1)[0]
+    if head in SCHEDULE_COLORS:
+        return SCHEDULE_COLORS[head]
     if name not in _cache:
         _cache[name] = _EXTRA_COLORS[len(_cache) % len(_EXTRA_COLORS)]
     return _cache[name]
@@ -209,14 +215,18 @@ def line_figure(
     for i, fv in enumerate(facets):
         r, c = i // ncols + 1, i % ncols + 1
         sub = df if fv is None else df[df[facet] == fv]
-        groups = [(y, sub)] if color is None else list(sub.groupby(color, sort=False, dropna=False))
+        groups = [(y, sub)] if color is None else list(sub.groupby(color, sort=True, dropna=False))
         for key, g in groups:
             name = str(key)
             g = g.sort_values(x)
+            # Variants of one schedule kind share its colour and differ by dash.
+            head = name.split(" ", 1)[0]
+            variants = sorted({str(k) for k, _ in groups if str(k).split(" ", 1)[0] == head})
+            dash = _DASHES[variants.index(name) % len(_DASHES)] if name in variants else "solid"
             fig.add_trace(
                 go.Scatter(
                     x=g[x], y=g[y], mode="lines+markers", name=name, legendgroup=name,
-                    showlegend=name not in shown, line={"color": color_for(name)},
+                    showlegend=name not in shown, line={"color": color_for(name), "dash": dash},
                     error_y=_err(error, g),
                 ),
                 row=r,

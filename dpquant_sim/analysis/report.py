@@ -96,7 +96,7 @@ def run_summary(table: pd.DataFrame) -> pd.DataFrame:
         tc, sc = cost_column(t, f"time_{kind}_s"), cost_column(t, f"speedup_{kind}")
         if tc is None:
             continue
-        total = g[tc].sum()
+        total = g[tc].sum(min_count=1)
         out[f"run_time_{kind}_s"] = total
         if sc is not None:
             base = (t[tc] * t[sc]).groupby([t[k] for k in keys]).sum()
@@ -107,7 +107,7 @@ def run_summary(table: pd.DataFrame) -> pd.DataFrame:
     for logical in ("energy_j", "dollars"):
         c = cost_column(t, logical)
         if c is not None:
-            out[f"run_{logical}"] = g[c].sum()
+            out[f"run_{logical}"] = g[c].sum(min_count=1)  # unknown (e.g. no list price) stays NaN, not 0
     out["epochs_run"] = g["epoch"].max() + 1
     out = out.reset_index()
     out["schedule"] = out.apply(schedule_label, axis=1)
@@ -195,8 +195,12 @@ def headline_table(summary: pd.DataFrame, accelerators: Sequence[str] | None = N
     head = _headline(summary)
     if head.empty:
         return head
-    head = head.iloc[sorted(range(len(head)), key=lambda i: (KIND_ORDER.get(head["schedule"].iloc[i].split()[0], 9),
-                                                              head["schedule"].iloc[i]))]
+    def key(i: int) -> tuple:
+        sched = head["schedule"].iloc[i]
+        where = tuple(str(head[c].iloc[i]) for c in ("dataset", "model") if c in head.columns)
+        return where + (KIND_ORDER.get(sched.split()[0], 9), sched)
+
+    head = head.iloc[sorted(range(len(head)), key=key)]
     out = pd.DataFrame({"schedule": head["schedule"].to_numpy()})
     for c in ("model", "dataset"):
         if c in head.columns:
@@ -236,11 +240,13 @@ def build_sections(table: pd.DataFrame, *, title: str = "dpquant-sim report") ->
             for ds in summary["dataset"].unique():
                 sub = summary[summary["dataset"] == ds]
                 fr = frontier_table(sub, x)
+                symbol = "model" if fr["model"].nunique() > 1 else "recipe"
                 fig = pareto_figure(
                     fr, x=f"{x}_mean", y="test_acc_mean", x_err=f"{x}_std", y_err="test_acc_std",
-                    color="schedule_kind", symbol="model" if fr["model"].nunique() > 1 else "recipe",
+                    color="schedule_kind", symbol=symbol,
                     facet="accelerator", hover=("schedule", "model", "n_seeds"),
-                    title=f"Pareto frontier ({kind}): test accuracy vs throughput, {ds}",
+                    title=f"Pareto frontier ({kind}): test accuracy vs throughput, {ds} "
+                          f"(marker shape: {symbol}; outlined = on the front; bars = std over seeds)",
                     x_title=f"{kind} throughput ({unit})", y_title="final test accuracy",
                 )
                 sections.append(Section(f"Pareto frontier per accelerator ({kind}, {ds})", fig, fr,
@@ -317,7 +323,8 @@ def _df_html(df: pd.DataFrame) -> str:
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1400px;color:#222}
 h1{font-size:1.6em} h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:4px}
-table.tbl{border-collapse:collapse;font-size:0.9em} table.tbl td,table.tbl th{padding:4px 10px;border-bottom:1px solid #eee;text-align:right}
+table.tbl{border-collapse:collapse;font-size:0.9em}
+table.tbl td,table.tbl th{padding:4px 10px;border-bottom:1px solid #eee;text-align:right}
 table.tbl th{background:#f6f6f6} .meta{color:#666;font-size:0.9em} nav a{margin-right:1em}
 """
 

@@ -377,7 +377,7 @@ def analytic_table(
     formats: Sequence[str],
     distributions: Sequence[str] = ("gaussian", "laplace", "student_t"),
     roundings: Sequence[str] = ("nearest", "stochastic"),
-    ns: Sequence[int] = (1, 16, 32, 256, 4096),
+    ns: Sequence[int] = (16, 32, 256, 4096),
     *,
     k: int = 32,
 ) -> "Any":

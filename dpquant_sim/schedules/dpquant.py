@@ -26,8 +26,8 @@ Every epoch, from the current smoothed scores s:
 The plan records ``scores`` (smoothed, un-normalised loss deltas), ``probs`` (pi_l: the probability that
 layer l is quantized this epoch), and in ``info`` the sampling weights p_l, the expected/realised shares,
 whether this epoch estimated, the estimator's expected sample size q*N (never the realised size: that is
-data), and its own epsilon so far (the ledger's ``breakdown()``, else opacus RDP at the ledger's delta) beside the
-ledger's total.
+data), and its own epsilon so far (the ledger's ``breakdown()``, else opacus RDP at the ledger's delta; the run's
+total is the engine's to record).
 
 Non-private runs (``ctx.private=False``): no noise, no accounting. A private run with noise_multiplier 0, or
 without a ledger, is refused (DPSafetyError): the estimator reads private data.
@@ -255,10 +255,6 @@ class DPQuantSchedule(OwnRng):
                 eps_est = estimator_epsilon(cfg.noise_multiplier, cfg.sample_rate, self.estimates, float(delta))
             info["estimator_epsilon"] = float(eps_est)
             info["estimator_delta"] = float(delta)
-            try:
-                info["epsilon_total"] = float(ctx.ledger.epsilon())
-            except Exception:  # a ledger without DP-SGD steps yet may refuse; the total is optional here
-                pass
         else:
             info["estimator_epsilon"] = 0.0
         return build_plan(ctx, mask, scores=dict(self.scores or {}), probs={n: float(p) for n, p in zip(names, pi)},

@@ -21,8 +21,8 @@ coordinates get neither gradient nor noise (the paper's point: noise norm shrink
 
 Gradient dropping (``GradDropper``), every step: keep ``keep`` of every parameter's coordinates (among those
 not pruned), ``random`` (a seeded function of (seed, step): resumable) or ``magnitude`` (largest |w|).
-Masks are applied to per-sample gradients BEFORE clipping and noise is added only on kept coordinates (the
-optimizer's job; ``mask_grad_samples`` does the first half).
+Masks are applied to per-sample gradients BEFORE clipping and noise is added only on kept coordinates
+(``dpquant_sim.training.optim.MaskedDPOptimizer.set_masks``).
 
 Privacy: random, magnitude and snip-free selection read no private data (weights are post-processing of
 earlier DP releases), so they add nothing to the ledger; DP-SGD's accounting is unchanged.
@@ -268,18 +268,3 @@ class GradDropper:
             out[p] = mask.view(p.shape).to(p.device)
         return out
 
-
-def mask_grad_samples(masks: Mapping[nn.Parameter, torch.Tensor]) -> None:
-    """Multiply every parameter's per-sample gradients (``p.grad_sample`` [B, *shape]) by its mask, in place.
-
-    Run this BEFORE per-sample clipping: dropped coordinates then do not count in the clipping norm; the
-    optimizer must also add noise only where the mask is True.
-    """
-    for p, m in masks.items():
-        gs = getattr(p, "grad_sample", None)
-        if gs is None:
-            continue
-        if isinstance(gs, list):  # opacus keeps a list when a module is used several times
-            p.grad_sample = [g * m.to(g.dtype) for g in gs]
-        else:
-            p.grad_sample = gs * m.to(gs.dtype)
