@@ -95,6 +95,14 @@ def test_random_pruning_is_seeded_and_reapply_rezeroes():
             p.add_(1.0)
     sa.reapply(a)
     assert int((a[0].weight == 0).sum()) == 60
+    import json
+
+    from dpquant_sim.schedules.prune_drop import PruneState
+
+    state = json.loads(json.dumps({k: (v if k != "masks" else {n: m.tolist() for n, m in v.items()})
+                                   for k, v in sa.state_dict().items()}))
+    back = PruneState.from_state_dict(state)
+    assert all(torch.equal(back.masks[k], sa.masks[k]) for k in sa.masks) and back.cfg == sa.cfg
 
 
 def test_grad_dropper_counts_determinism_and_magnitude():

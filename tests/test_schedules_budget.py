@@ -200,7 +200,8 @@ def test_seeded_determinism_and_resume(kind):
     def run(seed, epochs, sched=None, start=0):
         sched = sched or build_schedule(_schedules()[kind])
         rng = np.random.default_rng(seed)
-        return [sched.plan(ScheduleContext(e, epochs, LAYERS, "fp4", rng, **extra)) for e in range(start, epochs)], sched
+        plans = [sched.plan(ScheduleContext(e, epochs, LAYERS, "fp4", rng, **extra)) for e in range(start, epochs)]
+        return plans, sched
 
     a, _ = run(5, 12)
     b, _ = run(5, 12)

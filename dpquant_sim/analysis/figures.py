@@ -153,7 +153,7 @@ def pareto_figure(
                         x=gg[x],
                         y=gg[y],
                         mode="markers",
-                        name=name if on or name not in shown else name,
+                        name=name,
                         legendgroup=name,
                         showlegend=name not in shown,
                         marker=marker,

@@ -308,6 +308,9 @@ def amax_scaled_error(
       - ``"mx"`` (OCP MX, E8M0 block scale): grid scale ``2^(floor(log2 amax) - floor(log2 fmt_max))``; the
         amax element itself may round (or saturate).
 
+    NVFP4 blocks are approximated by ``n=16, scale_rule="amax"`` (the e4m3 rounding of the block scale,
+    at most 1/16 relative, is ignored).
+
     Given the amax m, the other n - 1 elements are i.i.d. from ``dist`` truncated to |x| <= m; we average
     over ``k`` quantiles of the amax distribution. ``dist`` must be symmetric about 0.
     """

@@ -167,10 +167,18 @@ class PruneState:
         return {"cfg": self.cfg.model_dump(), "masks": dict(self.masks),
                 "kept_channel_fraction": dict(self.kept_channel_fraction), "density": dict(self.density)}
 
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore masks saved by ``state_dict`` (tensors, or nested lists after a JSON round trip)."""
+        self.cfg = PruneConfig(**state["cfg"])
+        self.masks = {k: torch.as_tensor(v, dtype=torch.bool) for k, v in state["masks"].items()}
+        self.kept_channel_fraction = {k: float(v) for k, v in state["kept_channel_fraction"].items()}
+        self.density = {k: float(v) for k, v in state["density"].items()}
+
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> "PruneState":
-        return cls(cfg=PruneConfig(**state["cfg"]), masks=dict(state["masks"]),
-                   kept_channel_fraction=dict(state["kept_channel_fraction"]), density=dict(state["density"]))
+        st = cls(cfg=PruneConfig(**state["cfg"]))
+        st.load_state_dict(state)
+        return st
 
 
 def apply_pruning(
