@@ -191,3 +191,16 @@ def test_empty_batch_step_is_pure_noise():
     for p in net.parameters():
         assert torch.allclose(p.grad, torch.normal(0, 2.0, p.shape, generator=gen) / 4)
     gsm._close()
+
+
+def test_prune_and_drop_run_resumes_and_keeps_pruned_weights_zero(tmp_path):
+    cfg = dict(TINY, epochs=2, noise_multiplier=1.0, prune={"method": "magnitude", "sparsity": 0.5},
+               drop={"method": "random", "keep": 0.5})
+    full = train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", progress=False, stop_after=1)
+    resumed = train(cfg, tmp_path / "b", progress=False)
+    pd.testing.assert_frame_equal(full.metrics.drop(columns="wall_s"), resumed.metrics.drop(columns="wall_s"))
+    ck = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    for name in ("fc1.weight", "fc2.weight", "head.weight"):
+        kept = ck["prune"]["masks"][name]
+        assert (ck["model"][name][~kept] == 0).all() and kept.float().mean() == pytest.approx(0.5, abs=0.01)

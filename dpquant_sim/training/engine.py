@@ -183,7 +183,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return loss_sum / n, correct / n
 
 
-def _prune_drop(cfg: TrainConfig, model: nn.Module, seed: int):
+def _prune_drop(cfg: TrainConfig, model: nn.Module, seed: int, input_shape):
     if cfg.prune is None and cfg.drop is None:
         return None, None
     try:
@@ -192,7 +192,8 @@ def _prune_drop(cfg: TrainConfig, model: nn.Module, seed: int):
         raise NotImplementedError(
             "config.prune / config.drop need dpquant_sim.schedules.prune_drop (apply_pruning, GradDropper), "
             "which is not available in this tree yet") from None
-    prune_state = prune_drop.apply_pruning(model, cfg.prune, seed) if cfg.prune is not None else None
+    prune_state = (prune_drop.apply_pruning(model, cfg.prune, seed, input_shape=input_shape)
+                   if cfg.prune is not None else None)
     dropper = prune_drop.GradDropper(cfg.drop, seed) if cfg.drop is not None else None
     return prune_state, dropper
 
@@ -248,12 +249,15 @@ class _Run:
         self.model = model  # the plain (converted) model; plans and checkpoints use its names
         self.layer_shapes = gemm_layers(model, self.data.input_shape)
         self.layers = [LayerInfo(s.name, s.forward_flops) for s in self.layer_shapes]
-        self.prune_state, self.dropper = _prune_drop(cfg, model, cfg.seed)
+        self.prune_state, self.dropper = _prune_drop(cfg, model, cfg.seed, self.data.input_shape)
 
         # sampling, steps, noise
         self.q = cfg.batch_size / n
         self.spe = max(1, round(1 / self.q))
         self.schedule = build_schedule(cfg.schedule)
+        if getattr(cfg.schedule, "warmup_steps", 0):
+            raise ConfigError("schedule.warmup_steps", cfg.schedule.warmup_steps,
+                              "0 (estimator warm-up steps are not implemented by the engine yet)")
         self.ledger = PrivacyLedger(cfg.accountant, cfg.delta) if cfg.private else None
         self.sigma = self._noise_multiplier() if cfg.private else 0.0
 
@@ -334,14 +338,10 @@ class _Run:
         n = self.data.n_train
         mask = torch.rand(n, generator=self.sampler_gen) < self.q  # Opacus's UniformWithReplacementSampler rule
         idx = mask.nonzero().reshape(-1).to(self.device)
-        masks = None
+        # pruned coordinates are masked like dropped ones: out of the per-sample norm, no noise on them
+        masks = self.prune_state.param_masks(self.model) if self.prune_state is not None else None
         if self.dropper is not None:
-            masks = _named_masks(self.model, self.dropper.masks(self.model, self.global_step))
-        prune_masks = getattr(self.prune_state, "masks", None) if self.prune_state is not None else None
-        if prune_masks:
-            pm = _named_masks(self.model, prune_masks)
-            masks = {p: (m.bool() & masks[p].bool()) if masks and p in masks else m.bool()
-                     for p, m in {**pm, **(masks or {})}.items()}
+            masks = _named_masks(self.model, self.dropper.masks(self.model, self.global_step, base=masks))
         loss_sum = 0.0
         if self.cfg.private:
             opt = self.optimizer
@@ -419,10 +419,7 @@ class _Run:
                 "torch": torch.get_rng_state(),
             },
             "layer_generators": qnn.generator_states(self.model),
-            "prune_json": json.dumps(_jsonable(self.prune_state.state_dict()))
-            if hasattr(self.prune_state, "state_dict") else None,
-            "dropper_json": json.dumps(_jsonable(self.dropper.state_dict()))
-            if hasattr(self.dropper, "state_dict") else None,
+            "prune": self.prune_state.state_dict() if self.prune_state is not None else None,
             "rows": self.rows,
         }
 
@@ -447,10 +444,8 @@ class _Run:
             self.noise_gen.set_state(st["rng"]["noise"])
         torch.set_rng_state(st["rng"]["torch"])
         qnn.set_generator_states(self.model, st["layer_generators"])
-        if st.get("prune_json") and hasattr(self.prune_state, "load_state_dict"):
-            self.prune_state.load_state_dict(json.loads(st["prune_json"]))
-        if st.get("dropper_json") and hasattr(self.dropper, "load_state_dict"):
-            self.dropper.load_state_dict(json.loads(st["dropper_json"]))
+        if st.get("prune") is not None and self.prune_state is not None:
+            self.prune_state.load_state_dict(st["prune"])  # random drop masks are a function of (seed, step)
         self.rows = [dict(r) for r in st["rows"]]
 
     def run_info(self) -> dict[str, Any]:
