@@ -53,14 +53,17 @@ class Mechanism:
 
 
 def _history(mechs: Iterable[Mechanism]) -> list[tuple[float, float, int]]:
-    """Opacus history [(sigma, q, steps)], merging neighbours with equal (sigma, q)."""
-    out: list[tuple[float, float, int]] = []
+    """Opacus history [(sigma, q, steps)], one entry per distinct (sigma, q) in first-seen order.
+
+    Composition is commutative (RDP adds, PRV convolves), so merging every use of the same mechanism, not
+    only neighbours, is exact; it keeps the cost of an epsilon query independent of how many epochs
+    interleave DP-SGD with the dpquant estimator.
+    """
+    steps: dict[tuple[float, float], int] = {}
     for m in mechs:
-        if out and out[-1][0] == m.noise_multiplier and out[-1][1] == m.sample_rate:
-            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + m.steps)
-        else:
-            out.append((float(m.noise_multiplier), float(m.sample_rate), int(m.steps)))
-    return out
+        key = (float(m.noise_multiplier), float(m.sample_rate))
+        steps[key] = steps.get(key, 0) + int(m.steps)
+    return [(s, q, t) for (s, q), t in steps.items()]
 
 
 def _make_accountant(name: str):
