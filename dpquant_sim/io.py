@@ -9,6 +9,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
     """Call ``writer(tmp_path)`` and rename the temporary file onto ``path`` (atomic on POSIX).
 
@@ -24,6 +30,8 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        # mkstemp creates files 0600; results are ordinary files, so honour the umask like open() would
+        os.chmod(tmp_path, 0o666 & ~_umask())
         writer(tmp_path)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
