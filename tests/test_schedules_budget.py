@@ -104,13 +104,18 @@ def test_layer_units():
 @pytest.mark.parametrize(
     "select,budget,unit,expected",
     [
-        ("first", 0.3, "flops", ["a", "b", "c"]),  # 5% -> 20% -> 50% >= 30%
+        ("first", 0.3, "flops", ["a", "b"]),  # prefixes 5%, 20%, 50%: 20% is nearest to 30%
         ("first", 0.2, "flops", ["a", "b"]),  # reaches 20% exactly
+        ("first", 0.4, "flops", ["a", "b", "c"]),  # 50% is nearer than 20%
+        ("first", 0.35, "flops", ["a", "b", "c"]),  # 20% and 50% tie at 15 points: the larger prefix
         ("last", 0.5, "flops", ["d"]),  # 100/200 = 50%
-        ("last", 0.51, "flops", ["c", "d"]),  # rounds up
-        ("largest", 0.6, "flops", ["c", "d"]),  # d 50% -> +c 80%
+        ("last", 0.51, "flops", ["d"]),  # 50% is nearer than 80%
+        ("last", 0.7, "flops", ["c", "d"]),  # 80% is nearer than 50%
+        ("largest", 0.6, "flops", ["d"]),  # d 50% (gap 10) vs c+d 80% (gap 20)
+        ("largest", 0.01, "flops", ["d"]),  # at least one layer
         ("first", 0.5, "layers", ["a", "b"]),
-        ("last", 0.26, "layers", ["c", "d"]),  # 1.04 layers needed -> rounds up to 2
+        ("last", 0.26, "layers", ["d"]),  # 1 layer (25%) is nearest to 26%
+        ("last", 0.4, "layers", ["c", "d"]),  # 2 layers (50%) nearer than 1 (25%)
     ],
 )
 def test_static_subset_hand_checked(select, budget, unit, expected):

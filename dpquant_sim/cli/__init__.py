@@ -25,7 +25,6 @@ COMMAND_MODULES = ("train_cmd", "hw_cmd", "cost_cmd", "sweep_cmd", "report_cmd",
 _registered = False
 
 
-@app.command("version")
 def version() -> None:
     """Print the dpquant-sim version."""
     from dpquant_sim import __version__
@@ -45,6 +44,7 @@ def _register() -> None:
                 continue
             raise
         mod.register(app)
+    app.command("version")(version)
     _registered = True
 
 

@@ -22,9 +22,10 @@ uniform start U in [0, 1) and take the layers whose segment contains one of U, U
 then included with probability exactly pi_l, so the EXPECTED quantized share is exactly b; the number of
 quantized layers is floor or ceil of sum pi_l (less spread than independent draws, ``method='poisson'``).
 
-Static subsets (``greedy_subset``) cannot meet an expectation; they take layers in the given order
-(first / last / largest FLOPs first) until the share REACHES b (rounds up: the smallest prefix whose share
-is >= b), so a static baseline never quantizes less than the budget.
+Static subsets (``greedy_subset``) cannot meet an expectation; they take the prefix of the layers in the
+given order (first / last / largest FLOPs first) whose share is NEAREST to b (ties go to the larger prefix;
+at least one layer), so a static baseline quantizes as close to the budget as its layer sizes allow. The
+realized share is recorded in every plan.
 
 >>> import numpy as np
 >>> pi = inclusion_probabilities([0.7, 0.2, 0.1], [1, 1, 2], budget=0.75)
@@ -181,9 +182,9 @@ def realized_share(mask: Sequence[bool], sizes: Sequence[float]) -> float:
 
 
 def greedy_subset(names: Sequence[str], sizes: Sequence[float], budget: float, order: str = "first") -> list[str]:
-    """Deterministic static subset: take layers in ``order`` until the covered share reaches ``budget``.
+    """Deterministic static subset: the prefix of the layers in ``order`` whose share is nearest ``budget``.
 
-    Rounds UP: returns the smallest prefix (in the given order) whose share is >= budget. ``'largest'`` sorts
+    Ties between two prefixes go to the larger one; the prefix has at least one layer. ``'largest'`` sorts
     by size, descending, ties in layer order. The result keeps the model's layer order.
 
     >>> greedy_subset(["a", "b", "c", "d"], [1, 1, 1, 1], 0.5, order="last")
@@ -201,15 +202,11 @@ def greedy_subset(names: Sequence[str], sizes: Sequence[float], budget: float, o
         idx.reverse()
     elif order == "largest":
         idx.sort(key=lambda i: (-w[i], i))
-    total = w.sum()
-    chosen: list[int] = []
-    acc = 0.0
-    for i in idx:
-        if acc >= b * total * (1 - _TOL):
-            break
-        chosen.append(i)
-        acc += w[i]
-    return [names[i] for i in sorted(chosen)]
+    shares = np.cumsum(w[idx]) / w.sum()
+    gaps = np.abs(shares - b)
+    # nearest prefix; among (numerically) equal gaps the last, i.e. the larger prefix
+    k = int(np.flatnonzero(gaps <= gaps.min() + _TOL)[-1]) + 1
+    return [names[i] for i in sorted(idx[:k])]
 
 
 def flop_share(flops: Sequence[float], mask: Sequence[bool]) -> float:
