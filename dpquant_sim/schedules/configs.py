@@ -58,7 +58,15 @@ class DPQuantConfig(_Budgeted):
     interval: int = Field(2, ge=1, description="re-estimate every R epochs")
     sample_rate: float = Field(0.05, gt=0.0, le=1.0, description="Poisson rate of the estimator's sample")
     clip: float = Field(1.0, gt=0.0, description="per-example L2 clip of the L-vector of loss deltas")
-    noise_multiplier: float = Field(1.0, ge=0.0, description="sigma_s; noise std = sigma_s * clip")
+    noise_multiplier: float | None = Field(
+        None,
+        ge=0.0,
+        description="sigma_s; noise std = sigma_s * clip. None (auto): with a target epsilon, the smallest sigma_s "
+        "whose planned estimates alone spend at most estimator_epsilon_fraction x epsilon; otherwise 1.0",
+    )
+    estimator_epsilon_fraction: float = Field(
+        0.25, gt=0.0, lt=1.0, description="auto sigma_s: epsilon of the estimator ALONE / target epsilon"
+    )
     temperature: float = Field(1.0, gt=0.0, description="tau in softmax(-s/tau)")
     uniform_mix: float = Field(0.2, ge=0.0, le=1.0, description="weight u of the uniform distribution")
     ema: float = Field(0.5, ge=0.0, lt=1.0, description="EMA factor for the smoothed scores (0 = no memory)")

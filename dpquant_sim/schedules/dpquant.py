@@ -141,6 +141,12 @@ class DPQuantSchedule(OwnRng):
         self.expected_size: float | None = None
 
     # --- privacy -------------------------------------------------------------------------------------
+    @property
+    def sigma(self) -> float:
+        """The estimator's noise multiplier sigma_s (1.0 when the config leaves it to auto and nothing resolved
+        it; the training engine resolves auto from the target epsilon, see ``resolve_estimator_noise``)."""
+        return 1.0 if self.cfg.noise_multiplier is None else float(self.cfg.noise_multiplier)
+
     def planned_mechanisms(
         self, epochs: int, steps_per_epoch: int = 0, *, private: bool = True
     ) -> list[tuple[str, float, float, int]]:
@@ -157,13 +163,13 @@ class DPQuantSchedule(OwnRng):
             return []
         self._check_private_noise()
         n = num_estimates(epochs, self.cfg.interval)
-        return [(MECHANISM_NAME, float(self.cfg.noise_multiplier), float(self.cfg.sample_rate), n)] if n else []
+        return [(MECHANISM_NAME, float(self.sigma), float(self.cfg.sample_rate), n)] if n else []
 
     def _check_private_noise(self) -> None:
-        if self.cfg.noise_multiplier <= 0:
+        if self.sigma <= 0:
             raise DPSafetyError(
                 "dpquant: the sensitivity estimator reads private training data, so a private run needs "
-                f"schedule.noise_multiplier > 0 (got {self.cfg.noise_multiplier}); set it (default 1.0) or "
+                f"schedule.noise_multiplier > 0 (got {self.sigma}); set it (or leave it unset: auto) or "
                 "run without DP."
             )
 
@@ -192,10 +198,10 @@ class DPQuantSchedule(OwnRng):
             raise ConfigError("n_expected", n_exp, "the expected sample size q * N > 0")
         total = clipped_sum(d, cfg.clip)
         if ctx.private:
-            noise = torch.normal(0.0, cfg.noise_multiplier * cfg.clip, size=(len(names),), generator=noise_gen,
+            noise = torch.normal(0.0, self.sigma * cfg.clip, size=(len(names),), generator=noise_gen,
                                  dtype=torch.float64)
             total = total + noise
-            ctx.ledger.add_mechanism(MECHANISM_NAME, cfg.noise_multiplier, cfg.sample_rate, steps=1)
+            ctx.ledger.add_mechanism(MECHANISM_NAME, self.sigma, cfg.sample_rate, steps=1)
         raw = (total / float(n_exp)).tolist()
         if self.scores is None or set(self.scores) != set(names):
             self.scores = dict(zip(names, raw))
@@ -215,7 +221,7 @@ class DPQuantSchedule(OwnRng):
             return float(self.cfg.clip)
         noise_sd = 0.0
         if private and self.expected_size:
-            noise_sd = self.cfg.noise_multiplier * self.cfg.clip / self.expected_size
+            noise_sd = self.sigma * self.cfg.clip / self.expected_size
         return float(max(s.std(), noise_sd))
 
     # --- planning ------------------------------------------------------------------------------------
@@ -252,7 +258,7 @@ class DPQuantSchedule(OwnRng):
             if callable(breakdown):  # the ledger's own accountant (RDP or PRV), estimator alone
                 eps_est = breakdown().get(MECHANISM_NAME)
             if eps_est is None:
-                eps_est = estimator_epsilon(cfg.noise_multiplier, cfg.sample_rate, self.estimates, float(delta))
+                eps_est = estimator_epsilon(self.sigma, cfg.sample_rate, self.estimates, float(delta))
             info["estimator_epsilon"] = float(eps_est)
             info["estimator_delta"] = float(delta)
         else:
@@ -279,3 +285,30 @@ class DPQuantSchedule(OwnRng):
         self.last_estimate_epoch = state.get("last_estimate_epoch")
         self.sample_size = state.get("sample_size")
         self.expected_size = state.get("expected_size")
+
+
+def resolve_estimator_noise(
+    cfg: DPQuantConfig, *, epochs: int, epsilon: float | None, delta: float, accountant: str = "rdp"
+) -> DPQuantConfig:
+    """Fill in an auto (None) ``noise_multiplier``: with a target ``epsilon``, the smallest sigma_s such that
+    the run's planned estimates, composed ALONE, spend at most ``cfg.estimator_epsilon_fraction * epsilon``
+    at ``delta``; without a target, 1.0. A set value is returned unchanged.
+
+    Composition is far from additive in this regime, so the estimator's marginal cost in the whole run is much
+    smaller than that fraction (about 1% of epsilon at the default 0.25; see docs/schedules.md).
+
+    >>> c = resolve_estimator_noise(DPQuantConfig(), epochs=10, epsilon=8.0, delta=1e-5)
+    >>> c.noise_multiplier > 0
+    True
+    """
+    if cfg.noise_multiplier is not None:
+        return cfg
+    n = num_estimates(epochs, cfg.interval)
+    if epsilon is None or n == 0:
+        return cfg.model_copy(update={"noise_multiplier": 1.0})
+    from dpquant_sim.training.accounting import noise_for_target
+
+    # noise_for_target calibrates a "DP-SGD" sequence of n steps at the estimator's sample rate: exactly the
+    # estimator's own planned mechanism.
+    sigma = noise_for_target(cfg.estimator_epsilon_fraction * epsilon, delta, cfg.sample_rate, n, accountant)
+    return cfg.model_copy(update={"noise_multiplier": float(sigma)})

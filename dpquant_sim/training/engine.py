@@ -254,6 +254,12 @@ class _Run:
         # sampling, steps, noise
         self.q = cfg.batch_size / n
         self.spe = max(1, round(1 / self.q))
+        if cfg.private and getattr(cfg.schedule, "kind", None) == "dpquant":
+            from dpquant_sim.schedules.dpquant import resolve_estimator_noise
+
+            resolved = resolve_estimator_noise(cfg.schedule, epochs=cfg.epochs, epsilon=cfg.epsilon,
+                                               delta=cfg.delta, accountant=cfg.accountant)
+            self.cfg = cfg = cfg.model_copy(update={"schedule": resolved})
         self.schedule = build_schedule(cfg.schedule)
         if getattr(cfg.schedule, "warmup_steps", 0):
             raise ConfigError("schedule.warmup_steps", cfg.schedule.warmup_steps,
