@@ -93,6 +93,20 @@ def _err(col: str | None, df: pd.DataFrame) -> dict | None:
     return {"type": "data", "array": vals.tolist(), "visible": True, "thickness": 1}
 
 
+def _facet_grid(df: pd.DataFrame, facet: str | None, facet_cols: int, **subplot_kw: Any) -> tuple[Any, list, int]:
+    """A subplot grid with one panel per distinct ``facet`` value (in order of appearance; one panel if None).
+
+    Returns (figure, facet values, number of columns); panel i sits at row i // ncols + 1, col i % ncols + 1.
+    """
+    from plotly.subplots import make_subplots
+
+    facets = [None] if facet is None or facet not in df.columns else list(dict.fromkeys(df[facet].tolist()))
+    ncols = min(facet_cols, len(facets))
+    nrows = math.ceil(len(facets) / ncols)
+    titles = [str(f) for f in facets] if facets != [None] else None
+    return make_subplots(rows=nrows, cols=ncols, subplot_titles=titles, **subplot_kw), facets, ncols
+
+
 def pareto_figure(
     agg: pd.DataFrame,
     *,
@@ -113,18 +127,11 @@ def pareto_figure(
     """Scatter of configurations (dominated points faded, front points solid) with the front as a step line,
     one panel per ``facet`` value (e.g. accelerator). ``x_err``/``y_err`` name std columns (seed spread)."""
     import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
-    facets = [None] if facet is None or facet not in agg.columns else list(dict.fromkeys(agg[facet].tolist()))
-    ncols = min(facet_cols, len(facets))
+    multi_row = facet is not None and facet in agg.columns and agg[facet].nunique() > facet_cols
+    fig, facets, ncols = _facet_grid(agg, facet, facet_cols, horizontal_spacing=0.08,
+                                     vertical_spacing=0.12 if multi_row else 0.1)
     nrows = math.ceil(len(facets) / ncols)
-    fig = make_subplots(
-        rows=nrows,
-        cols=ncols,
-        subplot_titles=[str(f) for f in facets] if facet else None,
-        horizontal_spacing=0.08,
-        vertical_spacing=0.12 if nrows > 1 else 0.1,
-    )
     symbols = ["circle", "diamond", "square", "triangle-up", "x", "star", "cross", "pentagon"]
     sym_values = list(dict.fromkeys(agg[symbol].astype(str))) if symbol and symbol in agg.columns else []
     shown: set[str] = set()
@@ -205,12 +212,9 @@ def line_figure(
 ) -> Any:
     """Lines of ``y`` vs ``x`` per ``color`` group (optional ``error`` std band as error bars, facets)."""
     import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
-    facets = [None] if facet is None else list(dict.fromkeys(df[facet].tolist()))
-    ncols = min(facet_cols, len(facets))
+    fig, facets, ncols = _facet_grid(df, facet, facet_cols)
     nrows = math.ceil(len(facets) / ncols)
-    fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=[str(f) for f in facets] if facet else None)
     shown: set[str] = set()
     for i, fv in enumerate(facets):
         r, c = i // ncols + 1, i % ncols + 1
@@ -254,12 +258,9 @@ def bar_figure(
 ) -> Any:
     """Grouped (or stacked, ``barmode='stack'``) bars of ``y`` per ``x``, coloured by ``color``."""
     import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
-    facets = [None] if facet is None else list(dict.fromkeys(df[facet].tolist()))
-    ncols = min(facet_cols, len(facets))
+    fig, facets, ncols = _facet_grid(df, facet, facet_cols)
     nrows = math.ceil(len(facets) / ncols)
-    fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=[str(f) for f in facets] if facet else None)
     shown: set[str] = set()
     for i, fv in enumerate(facets):
         r, c = i // ncols + 1, i % ncols + 1

@@ -108,28 +108,13 @@ def quantize_weight(
     return _apply_spec(w, spec, generator)
 
 
-class _WeightFakeQuant(torch.autograd.Function):
-    """Straight-through fake quantization: forward q(w), backward identity."""
+class _FakeQuant(torch.autograd.Function):
+    """Straight-through fake quantization: forward ``quantizer(t, spec, generator, conv=conv)``, backward
+    identity. ``quantizer`` is ``quantize_weight`` or ``quantize_data``."""
 
     @staticmethod
-    def forward(w, spec, generator, conv):  # type: ignore[override]
-        return quantize_weight(w, spec, generator, conv=conv)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        return grad, None, None, None
-
-
-class _DataFakeQuant(torch.autograd.Function):
-    """Straight-through fake quantization of a batched activation: forward q(x), backward identity."""
-
-    @staticmethod
-    def forward(x, spec, generator, conv):  # type: ignore[override]
-        return quantize_data(x, spec, generator, conv=conv)
+    def forward(t, quantizer, spec, generator, conv):  # type: ignore[override]
+        return quantizer(t, spec, generator, conv=conv)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -137,7 +122,7 @@ class _DataFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def _batched(t: torch.Tensor, conv: bool) -> bool:
@@ -161,7 +146,7 @@ def _input_pre_hook(module: "_QuantMixin", args: tuple) -> tuple | None:
     unbatched = not _batched(x, conv)
     if unbatched:  # a single example without a batch dim is a batch of one for per-sample scaling
         x = x.unsqueeze(0)
-    qx = _DataFakeQuant.apply(x, cfg.activation, module.generator, conv)
+    qx = _FakeQuant.apply(x, quantize_data, cfg.activation, module.generator, conv)
     if unbatched:
         qx = qx.squeeze(0)
     if module.record_quantized:
@@ -245,7 +230,7 @@ class _QuantMixin:
         if type(self.weight).__name__ == "ExpandedWeight":  # type: ignore[attr-defined]
             raise ConfigError("grad_sample_mode", "ew", "'hooks' (expanded weights bypass the Q layer's hooks)")
         w = self.weight  # type: ignore[attr-defined]
-        return _WeightFakeQuant.apply(w, cfg.weight, self.generator, self._is_conv)
+        return _FakeQuant.apply(w, quantize_weight, cfg.weight, self.generator, self._is_conv)
 
     def _quant_repr(self) -> str:
         return f", qconfig={self._qconfig.name if self._qconfig is not None else None}"
