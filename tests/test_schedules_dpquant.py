@@ -126,6 +126,29 @@ def test_estimates_every_interval_and_planned_mechanisms_match():
     assert plans[-1].info["estimator_epsilon"] > 0
 
 
+@pytest.mark.parametrize("epochs,interval,warmup", [(8, 3, 0), (8, 3, 2), (7, 2, 5), (4, 1, 4), (4, 2, 9)])
+def test_warmup_epochs_rotate_uniformly_then_estimate_on_schedule(epochs, interval, warmup):
+    sched = build_schedule({"kind": "dpquant", "interval": interval, "sample_rate": 0.02, "noise_multiplier": 1.5,
+                            "warmup_epochs": warmup, "budget": 0.5, "budget_unit": "layers"})
+    calls = []
+
+    def fn(names, q, gen):
+        calls.append(1)
+        return torch.tensor([[0.0, 5.0, 0.0, 0.0]] * 10, dtype=torch.float64), 10.0  # layer b fragile
+
+    led, rng = SpyLedger(), np.random.default_rng(0)
+    plans = [sched.plan(ctx(e, fn, ledger=led, rng=rng)) for e in range(epochs)]
+    expected = [e >= warmup and (e - warmup) % interval == 0 for e in range(epochs)]  # hand-listed epochs
+    assert [p.info["estimated"] for p in plans] == expected
+    assert len(calls) == len(led.calls) == sum(expected) == num_estimates(epochs, interval, warmup)
+    assert sched.planned_mechanisms(epochs) == ([(MECHANISM_NAME, 1.5, 0.02, sum(expected))] if any(expected) else [])
+    for e, p in enumerate(plans):
+        if e < warmup:  # uniform: every layer quantized with probability = budget (2 of 4 layers)
+            assert p.probs == pytest.approx({n: 0.5 for n in "abcd"}) and p.info["warmup"]
+        else:
+            assert p.probs["b"] < 0.5 and not p.info["warmup"]
+
+
 def test_non_private_run_adds_no_noise_and_no_accounting():
     led = SpyLedger()
     d = np.array([[0.1, 0.2, 0.3, 0.4]] * 8)

@@ -70,7 +70,10 @@ class DPQuantConfig(_Budgeted):
     temperature: float = Field(1.0, gt=0.0, description="tau in softmax(-s/tau)")
     uniform_mix: float = Field(0.2, ge=0.0, le=1.0, description="weight u of the uniform distribution")
     ema: float = Field(0.5, ge=0.0, lt=1.0, description="EMA factor for the smoothed scores (0 = no memory)")
-    warmup_steps: int = Field(0, ge=0, description="short training steps before an estimate (counted as DP-SGD)")
+    warmup_epochs: int = Field(
+        0, ge=0, description="epochs of uniform rotation before the first estimate, so that the first scores come "
+        "from a partly trained model rather than the initialisation (no privacy cost: nothing is estimated)",
+    )
     score_scale: Literal["std", "clip", "none"] = Field(
         "std", description="divide centred scores by max(std across layers, noise std) | clip | 1 before softmax"
     )

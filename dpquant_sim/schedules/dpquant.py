@@ -1,6 +1,8 @@
 """DPQuant: probabilistic layer rotation weighted by a differentially private loss-sensitivity estimate.
 
-Every ``interval`` epochs (epoch 0 included) the estimator runs once (DESIGN.md section 1):
+Every ``interval`` epochs, from epoch ``warmup_epochs`` on (epoch 0 by default), the estimator runs once
+(DESIGN.md section 1); the warm-up epochs before the first estimate rotate layers uniformly (the random
+schedule's sampling, at the same budget), so the first scores are measured on a partly trained model:
 
 1. ``d, n_exp = ctx.loss_deltas(layer_names, q, generator)``: per-example loss deltas d[i, l] =
    loss(x_i; only layer l quantized) - loss(x_i; full precision) on a Poisson sample (rate q) of the private
@@ -109,9 +111,14 @@ def sampling_weights(
     return (1.0 - uniform_mix) * soft + uniform_mix / L
 
 
-def num_estimates(epochs: int, interval: int) -> int:
-    """Estimates in a run of ``epochs`` epochs: at epochs 0, R, 2R, ... (= ceil(epochs / R))."""
-    return -(-int(epochs) // int(interval)) if epochs > 0 else 0
+def num_estimates(epochs: int, interval: int, warmup: int = 0) -> int:
+    """Estimates in a run of ``epochs`` epochs: at epochs W, W + R, W + 2R, ... (= ceil((epochs - W) / R)).
+
+    >>> num_estimates(10, 2), num_estimates(10, 2, warmup=3), num_estimates(3, 2, warmup=3)
+    (5, 4, 0)
+    """
+    active = int(epochs) - int(warmup)
+    return -(-active // int(interval)) if active > 0 else 0
 
 
 def estimator_epsilon(noise_multiplier: float, sample_rate: float, estimates: int, delta: float) -> float:
@@ -153,8 +160,7 @@ class DPQuantSchedule(OwnRng):
         """Mechanisms the run will add to its ledger: [(name, noise_multiplier, sample_rate, steps)].
 
         The engine composes these with DP-SGD's steps when it calibrates the training noise to a target
-        epsilon. ``steps_per_epoch`` is accepted for a uniform signature; warm-up steps
-        (``cfg.warmup_steps``), if the engine runs any, are DP-SGD steps it accounts itself.
+        epsilon. ``steps_per_epoch`` is accepted for a uniform signature. Warm-up epochs estimate nothing.
 
         >>> DPQuantSchedule(DPQuantConfig(interval=2)).planned_mechanisms(5)
         [('dpquant-estimator', 1.0, 0.05, 3)]
@@ -162,7 +168,7 @@ class DPQuantSchedule(OwnRng):
         if not private:
             return []
         self._check_private_noise()
-        n = num_estimates(epochs, self.cfg.interval)
+        n = num_estimates(epochs, self.cfg.interval, self.cfg.warmup_epochs)
         return [(MECHANISM_NAME, float(self.sigma), float(self.cfg.sample_rate), n)] if n else []
 
     def _check_private_noise(self) -> None:
@@ -230,13 +236,19 @@ class DPQuantSchedule(OwnRng):
         names = [layer.name for layer in ctx.layers]
         rng = self.rng(ctx)
         estimated = False
-        if names and (ctx.epoch % cfg.interval == 0 or self.scores is None or set(self.scores) != set(names)):
+        warming = ctx.epoch < cfg.warmup_epochs
+        due = (ctx.epoch - cfg.warmup_epochs) % cfg.interval == 0
+        if names and not warming and (due or self.scores is None or set(self.scores) != set(names)):
             self._estimate(ctx, names, rng)
             estimated = True
         sizes = layer_sizes([layer.flops for layer in ctx.layers], cfg.budget_unit) if names else np.zeros(0)
-        s = np.array([self.scores[n] for n in names]) if names else np.zeros(0)
-        weights = sampling_weights(s, temperature=cfg.temperature, uniform_mix=cfg.uniform_mix,
-                                   scale=self._scale(s, ctx.private)) if names else np.zeros(0)
+        if warming:  # uniform rotation until the first estimate: the random schedule's sampling
+            s = np.zeros(len(names))
+            weights = np.full(len(names), 1.0 / len(names)) if names else np.zeros(0)
+        else:
+            s = np.array([self.scores[n] for n in names]) if names else np.zeros(0)
+            weights = sampling_weights(s, temperature=cfg.temperature, uniform_mix=cfg.uniform_mix,
+                                       scale=self._scale(s, ctx.private)) if names else np.zeros(0)
         pi = inclusion_probabilities(weights, sizes, cfg.budget) if names else np.zeros(0)
         mask = draw_subset(pi, rng) if names else np.zeros(0, dtype=bool)
         info: dict[str, Any] = {
@@ -244,6 +256,7 @@ class DPQuantSchedule(OwnRng):
             "budget": cfg.budget,
             "budget_unit": cfg.budget_unit,
             "estimated": estimated,
+            "warmup": warming,
             "estimates": self.estimates,
             # the expected size q*N only: the realised Poisson sample size is not released (it is data)
             "estimator_expected_size": self.expected_size,
@@ -303,7 +316,7 @@ def resolve_estimator_noise(
     """
     if cfg.noise_multiplier is not None:
         return cfg
-    n = num_estimates(epochs, cfg.interval)
+    n = num_estimates(epochs, cfg.interval, cfg.warmup_epochs)
     if epsilon is None or n == 0:
         return cfg.model_copy(update={"noise_multiplier": 1.0})
     from dpquant_sim.training.accounting import noise_for_target

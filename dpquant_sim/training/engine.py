@@ -261,9 +261,6 @@ class _Run:
                                                delta=cfg.delta, accountant=cfg.accountant)
             self.cfg = cfg = cfg.model_copy(update={"schedule": resolved})
         self.schedule = build_schedule(cfg.schedule)
-        if getattr(cfg.schedule, "warmup_steps", 0):
-            raise ConfigError("schedule.warmup_steps", cfg.schedule.warmup_steps,
-                              "0 (estimator warm-up steps are not implemented by the engine yet)")
         self.ledger = PrivacyLedger(cfg.accountant, cfg.delta) if cfg.private else None
         self.sigma = self._noise_multiplier() if cfg.private else 0.0
 
