@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/dpquant-sim/torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo test test-slow test-all bench clean
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,9 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 test-all: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -32,12 +32,27 @@ from dpquant_sim.io import atomic_write_df, atomic_write_text
 SCHEDULES = ("fp32", "static-all", "static-subset", "random", "dpquant")
 
 
-def schedule_cfg(kind: str, budget: float, select: str) -> dict:
+def schedule_cfg(token: str, budget: float, select: str) -> dict:
+    """Schedule config of a ``--schedules`` token: a kind, optionally with fields, ``dpquant:warmup_epochs=2``.
+
+    >>> schedule_cfg("dpquant:warmup_epochs=2:temperature=0.5", 0.7, "first")
+    {'kind': 'dpquant', 'budget': 0.7, 'warmup_epochs': 2, 'temperature': 0.5}
+    """
+    import yaml
+
+    kind, *opts = token.split(":")
     if kind in ("fp32", "static-all"):
-        return {"kind": kind}
-    if kind == "static-subset":
-        return {"kind": kind, "budget": budget, "select": select}
-    return {"kind": kind, "budget": budget}
+        cfg: dict = {"kind": kind}
+    elif kind == "static-subset":
+        cfg = {"kind": kind, "budget": budget, "select": select}
+    else:
+        cfg = {"kind": kind, "budget": budget}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if not sep:
+            raise SystemExit(f"--schedules: {opt!r} in {token!r} is not KEY=VALUE (e.g. dpquant:warmup_epochs=2)")
+        cfg[key] = yaml.safe_load(value)
+    return cfg
 
 
 def run_one(args, dataset: str, model: str, recipe: str, kind: str, seed: int, root: Path) -> dict:
@@ -50,7 +65,7 @@ def run_one(args, dataset: str, model: str, recipe: str, kind: str, seed: int, r
     if dataset == "synthetic":
         data.update(n_train=args.synthetic_n, n_test=512,
                     synthetic={"channels": 3, "image_size": args.synthetic_size, "num_classes": 10, "noise": 1.0})
-    out = root / dataset / model / recipe / kind / f"seed{seed}"
+    out = root / dataset / model / recipe / kind.replace(":", "_").replace("=", "-") / f"seed{seed}"
     t0 = time.time()
     res = engine.train(config.TrainConfig.parse(data), out, progress=False)
     s = res.summary
@@ -60,27 +75,37 @@ def run_one(args, dataset: str, model: str, recipe: str, kind: str, seed: int, r
         "dataset": dataset, "model": model, "recipe": recipe, "schedule": kind, "seed": seed,
         "test_acc": s["test_acc"], "epsilon": s["epsilon"], "noise_multiplier": s["noise_multiplier"],
         "estimator_epsilon": s.get("estimator_epsilon", 0.0),
-        "estimator_share": 1.0 - dpsgd_alone / s["epsilon"] if kind == "dpquant" else 0.0,
+        "estimator_share": 1.0 - dpsgd_alone / s["epsilon"] if kind.startswith("dpquant") else 0.0,
         "quantized_flop_share": s["mean_quantized_flop_share"], "wall_s": time.time() - t0,
     }
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean/std over seeds per (dataset, model, recipe, schedule), plus the paired difference to ``random``
+    (same seed: same init, data order and DP noise stream), whose spread is much smaller than the runs'."""
     keys = ["dataset", "model", "recipe", "schedule"]
+    runs = runs.copy()
+    base = runs[runs["schedule"] == "random"].set_index(keys[:3] + ["seed"])["test_acc"]
+    idx = pd.MultiIndex.from_frame(runs[keys[:3] + ["seed"]])
+    runs["vs_random"] = runs["test_acc"].to_numpy() - base.reindex(idx).to_numpy()
     g = runs.groupby(keys, sort=False)
     t = g.agg(acc_mean=("test_acc", "mean"), acc_std=("test_acc", "std"), seeds=("seed", "count"),
+              vs_random=("vs_random", "mean"), vs_random_std=("vs_random", "std"),
               flop_share=("quantized_flop_share", "mean"), epsilon=("epsilon", "mean"),
               estimator_eps=("estimator_epsilon", "mean"), estimator_share=("estimator_share", "mean"))
+    t["vs_random_se"] = t["vs_random_std"] / t["seeds"] ** 0.5
     return t.reset_index()
 
 
 def to_markdown(t: pd.DataFrame) -> str:
-    lines = ["| dataset | model | recipe | schedule | test acc (mean +- std) | seeds | quantized FLOP share | "
-             "epsilon | estimator eps alone | estimator share |", "|" + "---|" * 10]
+    lines = ["| dataset | model | recipe | schedule | test acc (mean +- std) | vs random, paired (mean +- se) | "
+             "seeds | quantized FLOP share | epsilon | estimator eps alone | estimator share |", "|" + "---|" * 11]
     for r in t.itertuples():
         std = 0.0 if pd.isna(r.acc_std) else r.acc_std
+        vs = "-" if pd.isna(r.vs_random) or r.schedule == "random" else (
+            f"{100 * r.vs_random:+.1f} +- {100 * (0.0 if pd.isna(r.vs_random_se) else r.vs_random_se):.1f}")
         lines.append(f"| {r.dataset} | {r.model} | {r.recipe} | {r.schedule} | {100 * r.acc_mean:.1f} +- "
-                     f"{100 * std:.1f} | {r.seeds} | {r.flop_share:.3f} | {r.epsilon:.2f} | "
+                     f"{100 * std:.1f} | {vs} | {r.seeds} | {r.flop_share:.3f} | {r.epsilon:.2f} | "
                      f"{r.estimator_eps:.2f} | {100 * r.estimator_share:.1f}% |")
     return "\n".join(lines) + "\n"
 

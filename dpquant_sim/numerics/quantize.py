@@ -105,9 +105,23 @@ def _kernel(
 ) -> torch.Tensor:
     """Quantize float32 ``x`` (any shape) elementwise; ``seed`` (2 int64 words) selects stochastic rounding.
 
-    Pure tensor ops on int32 views (no Python branching on data), so it runs eagerly and under torch.compile.
+    Pure tensor ops on int32 views (no Python branching on data), so it runs eagerly and under torch.compile
+    (the "compiled" backend; the eager backend runs the cheaper blocked equivalents in ``_eager``).
     """
     rnd = None if seed is None else _random_bits(x, seed)
+    return _round_bits(x, rnd, mbits, emin_f, max_bits, qsub_exp, ovf)
+
+
+def _round_bits(
+    x: torch.Tensor,
+    rnd: torch.Tensor | None,
+    mbits: int,
+    emin_f: int,
+    max_bits: int,
+    qsub_exp: int,
+    ovf: int,
+) -> torch.Tensor:
+    """The body of ``_kernel`` given the random bits ``rnd`` (int32 in [0, 2^31), x's shape) or None (nearest)."""
     bits = x.view(torch.int32)
     sign = bits & _SIGN
     a_raw = bits & _ABS
