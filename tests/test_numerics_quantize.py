@@ -320,3 +320,45 @@ def test_compiled_backend_all_formats(name):
             a = quantize(x, name, backend="torch", generator=torch.Generator().manual_seed(3), **kw)
             b = quantize(x, name, backend="compiled", generator=torch.Generator().manual_seed(3), **kw)
             assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (name, kw)
+
+
+# ---------------------------------------------------------------- eager backend (blocked, magic-number nearest)
+
+
+def _isolated_specials(n=70_000):
+    """randn with lone NaNs of every kind (quiet, signalling, both signs, odd payloads), +-inf and -0 at spread
+    positions, so that some eager blocks hold a single special value among finite ones."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(4)) * 3
+    pats = [0x7F800001, 0x7FC00000, 0x7FFFFFFF, 0x7FBFFFFF, -1, -0x7FFFFF, -0x400000, 0x7F800000, -0x800000, -(1 << 31)]
+    pos = torch.arange(len(pats)) * 7001 + 13
+    x.view(torch.int32)[pos] = torch.tensor(pats, dtype=torch.int32)
+    return x, pos
+
+
+@pytest.mark.parametrize("name", list(ORACLE) + ["int8", "int4", "log4"])
+def test_eager_keeps_nan_bits_and_signed_zero(name):
+    """NaN input comes back bit for bit (payload and sign, signalling ones too), -0 stays -0, in every path."""
+    x, pos = _isolated_specials()
+    nan = torch.isnan(x)
+    for rounding in ("nearest", "stochastic"):
+        for overflow in ("saturate", "ieee"):
+            y = quantize(x, name, rounding=rounding, overflow=overflow, generator=torch.Generator().manual_seed(0))
+            assert torch.equal(y.view(torch.int32)[nan], x.view(torch.int32)[nan]), (name, rounding, overflow)
+            assert y.view(torch.int32)[pos[-1]].item() == -(1 << 31)  # -0.0
+
+
+@pytest.mark.parametrize("name", list(ORACLE) + ["int8", "int4", "log4"])
+def test_eager_equals_integer_kernel(name):
+    """The eager paths (float magic number, bf16 pattern rounding, blocked integer kernel with in-place RNG)
+    equal the reference integer kernel that the compiled backend runs, across block boundaries and for a
+    random-index counter that wraps past 2^32 inside a block."""
+    from dpquant_sim.numerics.quantize import _eager, _kernel, _overflow_code, _params
+
+    x, _ = _isolated_specials()
+    x = torch.cat([x, torch.from_numpy(random_bits(40_000, seed=5)), torch.from_numpy(sweep(name if name in ORACLE else "fp8_e4m3"))])
+    f = get_format(name)
+    for overflow in ("saturate", "ieee"):
+        for seed in (None, torch.tensor([7, 8]), torch.tensor([(1 << 32) - 50_000, 9])):
+            args = (*_params(f), _overflow_code(f, overflow))
+            a, b = _kernel(x, seed, *args), _eager(x, seed, *args)
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (name, overflow, seed)
