@@ -93,15 +93,19 @@ def demo(
     report, head = run_demo(out, progress=not quiet, epochs=epochs, seeds=seeds, recipe=recipe, budget=budget,
                             epsilon=epsilon, model=model, accelerators=accs, workers=workers,
                             n_train=n_train)
-    table = Table(title=f"demo: {model} on digits, DP-SGD epsilon {epsilon:g}, {recipe} recipe, budget {budget:g}")
+    # borderless, short headers: the table fits an 80-column terminal without truncated cells
+    table = Table(title=f"demo: {model} on digits, DP-SGD epsilon {epsilon:g}, {recipe} recipe, budget {budget:g}",
+                  box=None, padding=(0, 1), header_style="bold")
+    short = {"accuracy": "acc", "epsilon": "eps"}
     for c in head.columns:
-        table.add_column(str(c), justify="left" if c == "schedule" else "right", no_wrap=c == "schedule")
+        table.add_column(short.get(str(c), str(c)), justify="left" if c == "schedule" else "right", no_wrap=True)
     for row in head.itertuples(index=False):
         table.add_row(*(str(v) for v in row))
     console = Console()
     console.print(table)
     console.print("per-accelerator columns: theoretical speedup over the same run in bf16 (peak FLOP ratios, the "
-                  "paper's convention); roofline numbers, energy and dollars are in the report.")
+                  "paper's convention); roofline numbers and energy are in the report (dollars too for profiles that set "
+                  "price_per_hour; the shipped ones do not).")
     console.print(f"report: [bold]{report}[/]")
 
 
