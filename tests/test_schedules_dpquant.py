@@ -149,6 +149,39 @@ def test_warmup_epochs_rotate_uniformly_then_estimate_on_schedule(epochs, interv
             assert p.probs["b"] < 0.5 and not p.info["warmup"]
 
 
+@pytest.mark.parametrize("sigma,fragile", [(50.0, 0.0), (50.0, 0.3), (0.5, 1.0), (3.0, 0.5)])
+def test_shrink_scale_matches_hand_computed_james_stein_weights(sigma, fragile):
+    """score_scale='shrink': z = (1 - v_noise/var)+ (s - mean) / max(std, noise sd), written out here."""
+    d = np.full((20, 4), 0.1)
+    d[:, 1] += fragile
+    sched = build_schedule({"kind": "dpquant", "noise_multiplier": sigma, "clip": 1.0, "score_scale": "shrink",
+                            "temperature": 0.7, "uniform_mix": 0.1})
+    for seed in range(5):
+        sched = build_schedule(sched.cfg.model_dump())
+        plan = sched.plan(ctx(0, fixed(d, n_exp=20), ledger=SpyLedger(), seed=seed))
+        s = np.array([plan.scores[n] for n in "abcd"])
+        noise_sd = sigma * 1.0 / 20
+        c = s - s.mean()
+        var = (c**2).mean()
+        factor = max(0.0, 1.0 - noise_sd**2 / var)
+        z = factor * c / max(var**0.5, noise_sd)
+        e = np.exp(-z / 0.7)
+        want = 0.9 * e / e.sum() + 0.1 / 4
+        got = np.array([plan.info["sampling_weights"][n] for n in "abcd"])
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+        if var <= noise_sd**2:  # spread no larger than the noise: exactly the random schedule's weights
+            np.testing.assert_allclose(got, 0.25, rtol=0, atol=1e-15)
+
+
+def test_shrink_equals_std_without_noise():
+    d = np.array([[0.0, 0.4, 0.1, 0.2]] * 8)
+    plans = {}
+    for mode in ("std", "shrink"):
+        sched = build_schedule({"kind": "dpquant", "score_scale": mode})
+        plans[mode] = sched.plan(ctx(0, fixed(d), private=False))
+    assert plans["std"].info["sampling_weights"] == pytest.approx(plans["shrink"].info["sampling_weights"], abs=1e-15)
+
+
 def test_non_private_run_adds_no_noise_and_no_accounting():
     led = SpyLedger()
     d = np.array([[0.1, 0.2, 0.3, 0.4]] * 8)

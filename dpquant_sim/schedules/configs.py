@@ -74,8 +74,9 @@ class DPQuantConfig(_Budgeted):
         0, ge=0, description="epochs of uniform rotation before the first estimate, so that the first scores come "
         "from a partly trained model rather than the initialisation (no privacy cost: nothing is estimated)",
     )
-    score_scale: Literal["std", "clip", "none"] = Field(
-        "std", description="divide centred scores by max(std across layers, noise std) | clip | 1 before softmax"
+    score_scale: Literal["std", "shrink", "clip", "none"] = Field(
+        "std", description="divide centred scores by max(std across layers, noise std) | the same after "
+        "shrinking them toward their mean by (1 - noise var / var across layers)+ | clip | 1 before softmax"
     )
 
 

@@ -19,8 +19,11 @@ Every epoch, from the current smoothed scores s:
 - normalise (``score_scale``): ``'std'`` (default) z_l = (s_l - mean s) / max(std s, sigma C / n_exp), so
   the temperature is in units of the spread between layers (loss deltas are small numbers, 1e-3..1, whose
   scale depends on model, data and format; a raw softmax(-s/1) would be almost uniform); the floor at the
-  noise's standard deviation keeps pure noise from being blown up into strong preferences. ``'clip'``
-  divides by C, ``'none'`` uses s as is.
+  noise's standard deviation keeps pure noise from being blown up into strong preferences. ``'shrink'``
+  also multiplies z by the James-Stein factor (1 - v_noise / var s)+ (v_noise = (sigma C / n_exp)^2, the
+  noise variance of one estimate): when the spread between layers is no larger than the noise, the
+  weights are uniform (the schedule is ``random``), and with a strong signal they approach ``'std'``'s.
+  ``'clip'`` divides by C, ``'none'`` uses s as is.
 - p_l = (1 - u) softmax(-z_l / tau) + u / L (u > 0: every layer keeps rotating; p_l >= u / L).
 - inclusion probabilities pi_l = min(1, c p_l) meeting the budget exactly in expectation
   (``budget.inclusion_probabilities``), and the set drawn by systematic sampling (``budget.draw_subset``).
@@ -228,7 +231,12 @@ class DPQuantSchedule(OwnRng):
         noise_sd = 0.0
         if private and self.expected_size:
             noise_sd = self.sigma * self.cfg.clip / self.expected_size
-        return float(max(s.std(), noise_sd))
+        scale = float(max(s.std(), noise_sd))
+        if mode == "shrink":
+            var = float(s.var())
+            factor = max(0.0, 1.0 - noise_sd**2 / var) if var > 0 else 0.0
+            return scale / factor if factor > 0 else math.inf  # inf: z = 0, uniform weights
+        return scale
 
     # --- planning ------------------------------------------------------------------------------------
     def plan(self, ctx: ScheduleContext) -> EpochPlan:
