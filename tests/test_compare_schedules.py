@@ -1,0 +1,41 @@
+"""analysis/compare_schedules.py: schedule tokens and the summary table's statistics (hand-computed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location(
+    "compare_schedules", Path(__file__).resolve().parents[1] / "analysis" / "compare_schedules.py"
+)
+cs = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(cs)
+
+
+def test_schedule_tokens():
+    assert cs.schedule_cfg("fp32", 0.5, "first") == {"kind": "fp32"}
+    assert cs.schedule_cfg("static-subset", 0.5, "last") == {"kind": "static-subset", "budget": 0.5, "select": "last"}
+    assert cs.schedule_cfg("dpquant:uniform_mix=1.0:score_scale=shrink", 0.7, "first") == {
+        "kind": "dpquant", "budget": 0.7, "uniform_mix": 1.0, "score_scale": "shrink"}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        cs.schedule_cfg("dpquant:warmup", 0.7, "first")
+
+
+def test_summary_difference_to_random_and_its_standard_error():
+    acc = {"random": [0.70, 0.80, 0.75], "dpquant": [0.60, 0.90], "fp32": [0.5]}
+    rows = [{"dataset": "d", "model": "m", "recipe": "r", "schedule": k, "seed": i, "test_acc": a,
+             "quantized_flop_share": 0.5, "epsilon": 2.0, "estimator_epsilon": 0.0, "estimator_share": 0.0}
+            for k, v in acc.items() for i, a in enumerate(v)]
+    t = cs.summarize(pd.DataFrame(rows)).set_index("schedule")
+    # by hand: means 0.75 / 0.75; sample variances 0.0025 (n=3) and 0.045 (n=2)
+    assert t.loc["dpquant", "acc_mean"] == pytest.approx(0.75)
+    assert t.loc["dpquant", "vs_random"] == pytest.approx(0.0, abs=1e-12)
+    assert t.loc["dpquant", "vs_random_se"] == pytest.approx(math.sqrt(0.0025 / 3 + 0.045 / 2))
+    assert t.loc["random", "vs_random"] == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(t.loc["fp32", "vs_random_se"])  # one seed: no spread, no standard error
+    md = cs.to_markdown(t.reset_index())
+    assert "| dpquant | 75.0 +- 21.2 | +0.0 +- 15.3 | 2 |" in md
