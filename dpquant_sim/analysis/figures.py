@@ -93,10 +93,12 @@ def _err(col: str | None, df: pd.DataFrame) -> dict | None:
     return {"type": "data", "array": vals.tolist(), "visible": True, "thickness": 1}
 
 
-def _facet_grid(df: pd.DataFrame, facet: str | None, facet_cols: int, **subplot_kw: Any) -> tuple[Any, list, int]:
+def _facet_grid(
+    df: pd.DataFrame, facet: str | None, facet_cols: int, **subplot_kw: Any
+) -> tuple[Any, list[tuple[int, int, pd.DataFrame]], int]:
     """A subplot grid with one panel per distinct ``facet`` value (in order of appearance; one panel if None).
 
-    Returns (figure, facet values, number of columns); panel i sits at row i // ncols + 1, col i % ncols + 1.
+    Returns (figure, panels as (row, col, rows of ``df`` for that value), number of grid rows).
     """
     from plotly.subplots import make_subplots
 
@@ -104,7 +106,9 @@ def _facet_grid(df: pd.DataFrame, facet: str | None, facet_cols: int, **subplot_
     ncols = min(facet_cols, len(facets))
     nrows = math.ceil(len(facets) / ncols)
     titles = [str(f) for f in facets] if facets != [None] else None
-    return make_subplots(rows=nrows, cols=ncols, subplot_titles=titles, **subplot_kw), facets, ncols
+    panels = [(i // ncols + 1, i % ncols + 1, df if fv is None else df[df[facet] == fv])
+              for i, fv in enumerate(facets)]
+    return make_subplots(rows=nrows, cols=ncols, subplot_titles=titles, **subplot_kw), panels, nrows
 
 
 def pareto_figure(
@@ -128,16 +132,12 @@ def pareto_figure(
     one panel per ``facet`` value (e.g. accelerator). ``x_err``/``y_err`` name std columns (seed spread)."""
     import plotly.graph_objects as go
 
-    multi_row = facet is not None and facet in agg.columns and agg[facet].nunique() > facet_cols
-    fig, facets, ncols = _facet_grid(agg, facet, facet_cols, horizontal_spacing=0.08,
-                                     vertical_spacing=0.12 if multi_row else 0.1)
-    nrows = math.ceil(len(facets) / ncols)
+    # (vertical spacing only matters with several rows of panels)
+    fig, panels, nrows = _facet_grid(agg, facet, facet_cols, horizontal_spacing=0.08, vertical_spacing=0.12)
     symbols = ["circle", "diamond", "square", "triangle-up", "x", "star", "cross", "pentagon"]
     sym_values = list(dict.fromkeys(agg[symbol].astype(str))) if symbol and symbol in agg.columns else []
     shown: set[str] = set()
-    for i, fv in enumerate(facets):
-        r, c = i // ncols + 1, i % ncols + 1
-        sub = agg if fv is None else agg[agg[facet] == fv]
+    for r, c, sub in panels:
         for key, g in sub.groupby(color, sort=False, dropna=False):
             name = str(key)
             for on in (True, False):
@@ -213,12 +213,9 @@ def line_figure(
     """Lines of ``y`` vs ``x`` per ``color`` group (optional ``error`` std band as error bars, facets)."""
     import plotly.graph_objects as go
 
-    fig, facets, ncols = _facet_grid(df, facet, facet_cols)
-    nrows = math.ceil(len(facets) / ncols)
+    fig, panels, nrows = _facet_grid(df, facet, facet_cols)
     shown: set[str] = set()
-    for i, fv in enumerate(facets):
-        r, c = i // ncols + 1, i % ncols + 1
-        sub = df if fv is None else df[df[facet] == fv]
+    for r, c, sub in panels:
         groups = [(y, sub)] if color is None else list(sub.groupby(color, sort=True, dropna=False))
         for key, g in groups:
             name = str(key)
@@ -259,12 +256,9 @@ def bar_figure(
     """Grouped (or stacked, ``barmode='stack'``) bars of ``y`` per ``x``, coloured by ``color``."""
     import plotly.graph_objects as go
 
-    fig, facets, ncols = _facet_grid(df, facet, facet_cols)
-    nrows = math.ceil(len(facets) / ncols)
+    fig, panels, nrows = _facet_grid(df, facet, facet_cols)
     shown: set[str] = set()
-    for i, fv in enumerate(facets):
-        r, c = i // ncols + 1, i % ncols + 1
-        sub = df if fv is None else df[df[facet] == fv]
+    for r, c, sub in panels:
         groups = [(y, sub)] if color is None else list(sub.groupby(color, sort=False, dropna=False))
         for key, g in groups:
             name = str(key)
