@@ -79,16 +79,20 @@ def _params(fmt: Format) -> tuple[int, int, int, int]:
 _M32 = 0xFFFFFFFF
 
 
+# The hash's (xor-shift, multiply) steps and final xor-shift, shared by ``_mix32`` and its in-place twin in
+# ``_random_bits_into`` so that the two cannot drift apart (eager and compiled must give the same bits).
+_MIX_STEPS = ((16, 0x21F0AAAD), (15, 0x735A2D97))
+_MIX_FINAL = 15
+
+
 def _mix32(h: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer finalizer hash (hash-prospector's [16 21f0aaad 15 735a2d97 15], bias ~0.02).
 
     Computed in int64 with both multipliers < 2^31 so no product can overflow (no UB when compiled).
     """
-    h = h ^ (h >> 16)
-    h = (h * 0x21F0AAAD) & _M32
-    h = h ^ (h >> 15)
-    h = (h * 0x735A2D97) & _M32
-    return h ^ (h >> 15)
+    for shift, mul in _MIX_STEPS:
+        h = ((h ^ (h >> shift)) * mul) & _M32
+    return h ^ (h >> _MIX_FINAL)
 
 
 def _random_bits(x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
@@ -299,11 +303,10 @@ def _random_bits_into(rnd: torch.Tensor, h: torch.Tensor, t: torch.Tensor, start
     for round_ in range(2):
         if round_:
             h.bitwise_xor_(s1)
-        torch.bitwise_right_shift(h, 16, out=t)
-        h.bitwise_xor_(t).mul_(0x21F0AAAD).bitwise_and_(_M32)
-        torch.bitwise_right_shift(h, 15, out=t)
-        h.bitwise_xor_(t).mul_(0x735A2D97).bitwise_and_(_M32)
-        torch.bitwise_right_shift(h, 15, out=t)
+        for shift, mul in _MIX_STEPS:
+            torch.bitwise_right_shift(h, shift, out=t)
+            h.bitwise_xor_(t).mul_(mul).bitwise_and_(_M32)
+        torch.bitwise_right_shift(h, _MIX_FINAL, out=t)
         h.bitwise_xor_(t)
     h.bitwise_right_shift_(1)
     rnd.copy_(h)
@@ -332,26 +335,25 @@ def _eager(
     ci = torch.empty(block, dtype=torch.int32, device=x.device)
     mk = torch.empty(block, dtype=torch.bool, device=x.device)
     if seed is None and _magic_ok(mbits, emin_f, max_bits, qsub_exp):
-        for s in range(0, n, block):
-            k = min(block, n - s)
-            _nearest_magic(xf[s:s + k], of[s:s + k], ci[:k], mk[:k], mbits, emin_f, max_bits, ovf)
-        return out
-    if seed is None and emin_f == 1 and not (ovf == 0 and _flush_denormal_on()):
-        for s in range(0, n, block):
-            k = min(block, n - s)
-            _nearest_bf16(xf[s:s + k], of[s:s + k], ci[:k], mk[:k], mbits, max_bits, ovf)
-        return out
-    if seed is not None:
+        def step(xc, oc, start, k):
+            _nearest_magic(xc, oc, ci[:k], mk[:k], mbits, emin_f, max_bits, ovf)
+    elif seed is None and emin_f == 1 and not (ovf == 0 and _flush_denormal_on()):
+        def step(xc, oc, start, k):
+            _nearest_bf16(xc, oc, ci[:k], mk[:k], mbits, max_bits, ovf)
+    elif seed is None:  # log4 nearest (and bf16 saturate under flush-to-zero): the integer kernel per block
+        def step(xc, oc, start, k):
+            oc.copy_(_round_bits(xc, None, mbits, emin_f, max_bits, qsub_exp, ovf))
+    else:
         s0, s1 = (int(v) for v in seed.tolist())
         h = torch.empty(block, dtype=torch.int64, device=x.device)
         t = torch.empty(block, dtype=torch.int64, device=x.device)
+
+        def step(xc, oc, start, k):
+            _random_bits_into(ci[:k], h[:k], t[:k], start, s0, s1)
+            oc.copy_(_round_bits(xc, ci[:k], mbits, emin_f, max_bits, qsub_exp, ovf))
     for s in range(0, n, block):
         k = min(block, n - s)
-        rnd = None
-        if seed is not None:
-            rnd = ci[:k]
-            _random_bits_into(rnd, h[:k], t[:k], s, s0, s1)
-        of[s:s + k] = _round_bits(xf[s:s + k], rnd, mbits, emin_f, max_bits, qsub_exp, ovf)
+        step(xf[s:s + k], of[s:s + k], s, k)
     return out
 
 
