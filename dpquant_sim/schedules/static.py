@@ -59,7 +59,7 @@ class StaticAllSchedule(_Stateless):
 
 @register_schedule("static-subset")
 class StaticSubsetSchedule(_Stateless):
-    """A fixed subset: first / last / largest-FLOP layers meeting the budget (rounded up), or named layers."""
+    """A fixed subset: the first / last / largest-FLOP layers whose share is nearest the budget, or named layers."""
 
     def __init__(self, cfg: StaticSubsetConfig):
         self.cfg = cfg
