@@ -55,9 +55,9 @@ def schedule_cfg(token: str, budget: float, select: str) -> dict:
     return cfg
 
 
-def run_one(args, dataset: str, model: str, recipe: str, kind: str, seed: int, root: Path) -> dict:
-    from dpquant_sim.training import config, engine
-    from dpquant_sim.training.accounting import Mechanism, compose_epsilon
+def train_config(args, dataset: str, model: str, recipe: str, kind: str, seed: int):
+    """The validated TrainConfig of one run (raises ConfigError naming the bad field)."""
+    from dpquant_sim.training import config
 
     data = dict(dataset=dataset, model=model, epochs=args.epochs, epsilon=args.epsilon, recipe=recipe,
                 batch_size=args.batch_size, lr=args.lr, seed=seed, threads=args.threads,
@@ -65,9 +65,16 @@ def run_one(args, dataset: str, model: str, recipe: str, kind: str, seed: int, r
     if dataset == "synthetic":
         data.update(n_train=args.synthetic_n, n_test=512,
                     synthetic={"channels": 3, "image_size": args.synthetic_size, "num_classes": 10, "noise": 1.0})
+    return config.TrainConfig.parse(data)
+
+
+def run_one(args, dataset: str, model: str, recipe: str, kind: str, seed: int, root: Path) -> dict:
+    from dpquant_sim.training import engine
+    from dpquant_sim.training.accounting import Mechanism, compose_epsilon
+
     out = root / dataset / model / recipe / kind.replace(":", "_").replace("=", "-") / f"seed{seed}"
     t0 = time.time()
-    res = engine.train(config.TrainConfig.parse(data), out, progress=False)
+    res = engine.train(train_config(args, dataset, model, recipe, kind, seed), out, progress=False)
     s = res.summary
     dpsgd_alone = compose_epsilon([Mechanism("dpsgd", s["noise_multiplier"], s["sample_rate"], s["steps"])],
                                   s["delta"], s["accountant"])
@@ -135,17 +142,25 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
 
+    from dpquant_sim.errors import ConfigError
+
     root = Path(args.out)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"--seeds: {args.seeds!r} is not a comma-separated list of integers") from None
+    grid = [(d, m, r, k, seed) for d in args.datasets.split(",") for m in args.models.split(",")
+            for r in args.recipes.split(",") for k in args.schedules.split(",") for seed in seeds]
+    for point in grid:  # every configuration is valid before any run starts
+        try:
+            train_config(args, *point)
+        except ConfigError as e:
+            raise SystemExit(f"compare_schedules: {e}") from None
     rows = []
-    for dataset in args.datasets.split(","):
-        for model in args.models.split(","):
-            for recipe in args.recipes.split(","):
-                for kind in args.schedules.split(","):
-                    for seed in (int(s) for s in args.seeds.split(",")):
-                        row = run_one(args, dataset, model, recipe, kind, seed, root)
-                        rows.append(row)
-                        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
-                              flush=True)
+    for point in grid:
+        row = run_one(args, *point, root)
+        rows.append(row)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     runs = pd.DataFrame(rows)
     table = summarize(runs)
     atomic_write_df(root / "runs.csv", runs)

@@ -39,3 +39,11 @@ def test_summary_difference_to_random_and_its_standard_error():
     assert math.isnan(t.loc["fp32", "vs_random_se"])  # one seed: no spread, no standard error
     md = cs.to_markdown(t.reset_index())
     assert "| dpquant | 75.0 +- 21.2 | +0.0 +- 15.3 | 2 |" in md
+
+
+def test_bad_schedule_field_is_one_error_before_any_run(tmp_path):
+    out = tmp_path / "cmp"
+    with pytest.raises(SystemExit, match=r"schedule\.foo=1 is not allowed"):
+        cs.main(["--out", str(out), "--datasets", "digits", "--seeds", "0", "--epochs", "1",
+                 "--schedules", "random,dpquant:foo=1"])
+    assert not out.exists()  # the valid 'random' point did not run either
