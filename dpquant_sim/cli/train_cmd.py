@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
         n_train: Optional[int] = typer.Option(None, help="Synthetic: training examples (default 2048). Real "
                                               "datasets: keep a seeded subset of this size."),
         n_test: Optional[int] = typer.Option(None, help="As --n-train, for the test set (synthetic default 512)."),
-        model: Optional[str] = typer.Option(None, help="mlp | cnn | resnet18 | resnet50 | densenet121 "
+        model: Optional[str] = typer.Option(None, help="mlp | cnn | resnet18 | resnet18-w16 | resnet50 | densenet121 "
                                             "(default cnn)."),
         epochs: Optional[int] = typer.Option(None, help="Training epochs, >= 1 (default 15)."),
         batch_size: Optional[int] = typer.Option(None, help="Expected (Poisson) batch size in examples; sample "

@@ -59,7 +59,7 @@ class TrainConfig(BaseModel):
     gtsrb_crop_roi: bool = False
     data_seed: int = Field(0, ge=0, description="seed of the train/test split or synthetic generator")
     # model and optimisation
-    model: Literal["mlp", "cnn", "resnet18", "resnet50", "densenet121"] = "cnn"
+    model: Literal["mlp", "cnn", "resnet18", "resnet18-w16", "resnet50", "densenet121"] = "cnn"
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(256, ge=1, description="expected (logical) batch size; sample rate = batch/n_train")
     physical_batch_size: int | None = Field(None, ge=1, description="split Poisson batches into chunks (memory)")

@@ -1,6 +1,9 @@
 """Models written in the project (torchvision does not import here), all DP-ready: GroupNorm, never BatchNorm.
 
-Names: ``mlp``, ``cnn`` (small, fast on 8x8 digits), ``resnet18``, ``resnet50``, ``densenet121``.
+Names: ``mlp``, ``cnn`` (small, fast on 8x8 digits), ``resnet18``, ``resnet18-w16``, ``resnet50``,
+``densenet121``. ``resnet18-w16`` is ResNet18's topology (the same 21 GEMM layers and names) at a quarter of
+the width (16-32-64-128 channels, 1/16 of the parameters and FLOPs): deep enough for per-layer schedules to
+matter, small enough to train with per-sample gradients on a CPU.
 The three large models follow torchvision's layout and module names (``conv1``, ``layer1.0.conv1``,
 ``layer1.0.downsample.0``, ``fc``; ``features.denseblock1.denselayer1.conv1``, ``classifier``) with two changes:
 
@@ -160,11 +163,12 @@ def _downsample(inplanes: int, outplanes: int, stride: int) -> nn.Module | None:
 class ResNet(nn.Module):
     """ResNet with GroupNorm; ``block`` BasicBlock (18/34) or Bottleneck (50/101)."""
 
-    def __init__(self, block, layers: tuple[int, ...], in_channels: int, num_classes: int, image_size: int):
+    def __init__(self, block, layers: tuple[int, ...], in_channels: int, num_classes: int, image_size: int,
+                 width: int = 64):
         super().__init__()
-        _stem(self, in_channels, 64, image_size)
-        self.inplanes = 64
-        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers), start=1):
+        _stem(self, in_channels, width, image_size)
+        self.inplanes = width
+        for i, (planes, n) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), layers), start=1):
             blocks = []
             for j in range(n):
                 stride = 1 if (i == 1 or j > 0) else 2
@@ -173,7 +177,7 @@ class ResNet(nn.Module):
             setattr(self, f"layer{i}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.fc = nn.Linear(8 * width * block.expansion, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -266,6 +270,7 @@ MODELS: dict[str, ModelFactory] = {
     "mlp": lambda c, k, s: MLP(c * s * s, k),
     "cnn": lambda c, k, s: SmallCNN(c, k),
     "resnet18": lambda c, k, s: ResNet(BasicBlock, (2, 2, 2, 2), c, k, s),
+    "resnet18-w16": lambda c, k, s: ResNet(BasicBlock, (2, 2, 2, 2), c, k, s, width=16),
     "resnet50": lambda c, k, s: ResNet(Bottleneck, (3, 4, 6, 3), c, k, s),
     "densenet121": lambda c, k, s: DenseNet(32, (6, 12, 24, 16), 64, 4, c, k, s),
 }
