@@ -64,7 +64,8 @@ def train_config(args, dataset: str, model: str, recipe: str, kind: str, seed: i
                 schedule=schedule_cfg(kind, args.budget, args.select))
     if dataset == "synthetic":
         data.update(n_train=args.synthetic_n, n_test=512,
-                    synthetic={"channels": 3, "image_size": args.synthetic_size, "num_classes": 10, "noise": 1.0})
+                    synthetic={"channels": 3, "image_size": args.synthetic_size, "num_classes": 10,
+                                               "noise": args.synthetic_noise})
     return config.TrainConfig.parse(data)
 
 
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--lr", type=float, default=2.0)
     p.add_argument("--synthetic-n", type=int, default=1024)
     p.add_argument("--synthetic-size", type=int, default=12)
+    p.add_argument("--synthetic-noise", type=float, default=1.0, help="per-pixel noise std of the synthetic data")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
 
