@@ -149,37 +149,69 @@ def test_warmup_epochs_rotate_uniformly_then_estimate_on_schedule(epochs, interv
             assert p.probs["b"] < 0.5 and not p.info["warmup"]
 
 
-@pytest.mark.parametrize("sigma,fragile", [(50.0, 0.0), (50.0, 0.3), (0.5, 1.0), (3.0, 0.5)])
+def _shrink_weights_by_hand(s, noise_var, tau, u):
+    c = s - s.mean()
+    var = (c**2).mean()
+    factor = max(0.0, 1.0 - noise_var / var)
+    z = factor * c / max(var**0.5, 0.0)
+    e = np.exp(-z / tau)
+    return (1 - u) * e / e.sum() + u / len(s), var
+
+
+@pytest.mark.parametrize("sigma,fragile", [(50.0, 0.0), (50.0, 0.3), (0.5, 1.0), (3.0, 0.5), (0.5, 0.05)])
 def test_shrink_scale_matches_hand_computed_james_stein_weights(sigma, fragile):
-    """score_scale='shrink': z = (1 - v_noise/var)+ (s - mean) / max(std, noise sd), written out here."""
+    """score_scale='shrink': z = (1 - v/var)+ (s - mean) / max(std, noise sd), written out here, with v the public
+    bound on one estimate's noise: DP (sigma C / n_exp)^2 plus Poisson sampling (1 - q) C^2 / (n_exp L)."""
     d = np.full((20, 4), 0.1)
     d[:, 1] += fragile
     sched = build_schedule({"kind": "dpquant", "noise_multiplier": sigma, "clip": 1.0, "score_scale": "shrink",
-                            "temperature": 0.7, "uniform_mix": 0.1})
+                            "temperature": 0.7, "uniform_mix": 0.1, "sample_rate": 0.05})
     for seed in range(5):
         sched = build_schedule(sched.cfg.model_dump())
         plan = sched.plan(ctx(0, fixed(d, n_exp=20), ledger=SpyLedger(), seed=seed))
         s = np.array([plan.scores[n] for n in "abcd"])
         noise_sd = sigma * 1.0 / 20
+        v = noise_sd**2 + 0.95 * 1.0 / (20 * 4)
         c = s - s.mean()
         var = (c**2).mean()
-        factor = max(0.0, 1.0 - noise_sd**2 / var)
+        factor = max(0.0, 1.0 - v / var)
         z = factor * c / max(var**0.5, noise_sd)
         e = np.exp(-z / 0.7)
         want = 0.9 * e / e.sum() + 0.1 / 4
         got = np.array([plan.info["sampling_weights"][n] for n in "abcd"])
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
-        if var <= noise_sd**2:  # spread no larger than the noise: exactly the random schedule's weights
+        if var <= v:  # spread no larger than the noise: exactly the random schedule's weights
             np.testing.assert_allclose(got, 0.25, rtol=0, atol=1e-15)
+    if fragile == 0.05:  # a real but small difference, under the sampling bound: uniform, not a preference
+        np.testing.assert_allclose(got, 0.25, rtol=0, atol=1e-15)
 
 
-def test_shrink_equals_std_without_noise():
+def test_shrink_noise_bound_follows_the_ema_and_is_sampling_only_without_dp():
+    """After n estimates the smoothed score's noise variance is w2 v with w2 = a^(2(n-1)) + sum_j (1-a)^2 a^(2j)
+    (EMA weights a^(n-1), (1-a) a^j): for a = 0.5, 1, 0.5, 0.375, 0.34375. Non-private: only the sampling term."""
     d = np.array([[0.0, 0.4, 0.1, 0.2]] * 8)
-    plans = {}
-    for mode in ("std", "shrink"):
-        sched = build_schedule({"kind": "dpquant", "score_scale": mode})
-        plans[mode] = sched.plan(ctx(0, fixed(d), private=False))
-    assert plans["std"].info["sampling_weights"] == pytest.approx(plans["shrink"].info["sampling_weights"], abs=1e-15)
+    sched = build_schedule({"kind": "dpquant", "score_scale": "shrink", "noise_multiplier": 2.0, "clip": 0.5,
+                            "sample_rate": 0.1, "interval": 1, "ema": 0.5})
+    led, rng = SpyLedger(), np.random.default_rng(0)
+    v1 = (2.0 * 0.5 / 8) ** 2 + 0.9 * 0.25 / (8 * 4)
+    for e, w2 in enumerate([1.0, 0.5, 0.375, 0.34375]):
+        sched.plan(ctx(e, fixed(d, n_exp=8), ledger=led, rng=rng))
+        assert sched.score_noise_var(4, private=True) == pytest.approx(w2 * v1, rel=1e-12)
+        assert sched.score_noise_var(4, private=False) == pytest.approx(w2 * 0.9 * 0.25 / (8 * 4), rel=1e-12)
+
+
+def test_shrink_without_dp_noise_keeps_a_strong_signal():
+    # non-private: the scores are exact (0, .4, .1, .2), var 0.0219 over layers, against the sampling bound
+    # 0.95 C^2 / (n_exp L) = 0.0037 at n_exp 64: shrunk by 0.83, the order kept
+    d = np.array([[0.0, 0.4, 0.1, 0.2]] * 64)
+    sched = build_schedule({"kind": "dpquant", "score_scale": "shrink", "uniform_mix": 0.0})
+    plan = sched.plan(ctx(0, fixed(d), private=False))
+    s = np.array([0.0, 0.4, 0.1, 0.2])
+    want, var = _shrink_weights_by_hand(s, 0.95 / (64 * 4), 1.0, 0.0)
+    assert 1 - 0.95 / (64 * 4) / var == pytest.approx(0.83, abs=0.01)
+    got = np.array([plan.info["sampling_weights"][n] for n in "abcd"])
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    assert got[1] < got[3] < got[2] < got[0]  # the fragile layer b is least likely
 
 
 def test_non_private_run_adds_no_noise_and_no_accounting():

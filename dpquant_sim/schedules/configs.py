@@ -76,7 +76,8 @@ class DPQuantConfig(_Budgeted):
     )
     score_scale: Literal["std", "shrink", "clip", "none"] = Field(
         "std", description="divide centred scores by max(std across layers, noise std) | the same after "
-        "shrinking them toward their mean by (1 - noise var / var across layers)+ | clip | 1 before softmax"
+        "shrinking them toward their mean by (1 - noise var / var across layers)+, noise = DP + sampling (a public "
+        "bound) | clip | 1 before softmax"
     )
 
 

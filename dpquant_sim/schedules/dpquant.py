@@ -20,9 +20,10 @@ Every epoch, from the current smoothed scores s:
   the temperature is in units of the spread between layers (loss deltas are small numbers, 1e-3..1, whose
   scale depends on model, data and format; a raw softmax(-s/1) would be almost uniform); the floor at the
   noise's standard deviation keeps pure noise from being blown up into strong preferences. ``'shrink'``
-  also multiplies z by the James-Stein factor (1 - v_noise / var s)+ (v_noise = (sigma C / n_exp)^2, the
-  noise variance of one estimate): when the spread between layers is no larger than the noise, the
-  weights are uniform (the schedule is ``random``), and with a strong signal they approach ``'std'``'s.
+  also multiplies z by the James-Stein factor (1 - v_noise / var s)+, with v_noise a public upper bound on
+  a smoothed score's noise variance, DP noise plus Poisson-sampling noise (``score_noise_var``): when the
+  spread between layers is no larger than the noise, the weights are uniform (the schedule is ``random``),
+  and with a strong signal they approach ``'std'``'s.
   ``'clip'`` divides by C, ``'none'`` uses s as is.
 - p_l = (1 - u) softmax(-z_l / tau) + u / L (u > 0: every layer keeps rotating; p_l >= u / L).
 - inclusion probabilities pi_l = min(1, c p_l) meeting the budget exactly in expectation
@@ -234,9 +235,34 @@ class DPQuantSchedule(OwnRng):
         scale = float(max(s.std(), noise_sd))
         if mode == "shrink":
             var = float(s.var())
-            factor = max(0.0, 1.0 - noise_sd**2 / var) if var > 0 else 0.0
+            v = self.score_noise_var(len(s), private)
+            factor = max(0.0, 1.0 - v / var) if var > 0 else 0.0
             return scale / factor if factor > 0 else math.inf  # inf: z = 0, uniform weights
         return scale
+
+    def score_noise_var(self, n_layers: int, private: bool) -> float:
+        """Upper bound on the noise variance of one smoothed score, from public quantities only (no privacy
+        cost): w2 * [(sigma C / n_exp)^2 + (1 - q) C^2 / (n_exp L)].
+
+        The second term bounds the Poisson-sampling variance averaged over layers: the estimate's variance
+        for layer l is q (1 - q) sum_i dc_il^2 / (q N)^2 and sum_l dc_il^2 <= C^2 after clipping. It is usually
+        the larger term (on digits with 21 layers: 6e-4 vs 2e-4). w2 = sum of the squared EMA weights of
+        the estimates so far (1 after one estimate; (1 - a) / (1 + a) in the limit).
+
+        >>> from dpquant_sim.schedules.configs import DPQuantConfig
+        >>> s = DPQuantSchedule(DPQuantConfig(noise_multiplier=1.0, sample_rate=0.05, clip=1.0))
+        >>> s.expected_size, s.estimates = 50.0, 1
+        >>> round(s.score_noise_var(4, private=True), 6)  # (1/50)^2 + 0.95/(50*4)
+        0.00515
+        """
+        if not self.expected_size or not self.estimates:
+            return 0.0
+        a, c, n = self.cfg.ema, self.cfg.clip, float(self.expected_size)
+        w2 = a ** (2 * (self.estimates - 1)) + sum((1 - a) ** 2 * a ** (2 * j) for j in range(self.estimates - 1))
+        v = (1 - self.cfg.sample_rate) * c * c / (n * max(n_layers, 1))
+        if private:
+            v += (self.sigma * c / n) ** 2
+        return w2 * v
 
     # --- planning ------------------------------------------------------------------------------------
     def plan(self, ctx: ScheduleContext) -> EpochPlan:
