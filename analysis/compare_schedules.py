@@ -5,7 +5,11 @@ finished run directory is reused). Writes, under ``--out``:
 
 - ``runs.csv``: one row per run (final test accuracy, epsilon, estimator epsilon alone, the estimator's
   marginal share of the budget, mean quantized FLOP share, noise multiplier, wall time);
-- ``table.csv`` / ``table.md``: mean +- std over seeds per (dataset, schedule).
+- ``table.csv`` / ``table.md``: mean +- std over seeds per (dataset, model, recipe, schedule), and each
+  schedule's difference to random pooled over those cells (``pooled.csv``).
+
+``fp32`` quantizes nothing, so it runs once per (dataset, model, seed) and its row is repeated for every
+recipe (under the first recipe's directory).
 
 Estimator share (dpquant): 1 - eps(DP-SGD steps alone, at the run's calibrated sigma) / eps(whole run), i.e.
 how much of the epsilon the run spends is due to the estimator; composition is sub-additive, so the
@@ -111,6 +115,32 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
+def pooled(t: pd.DataFrame) -> pd.DataFrame:
+    """Each schedule's difference to ``random`` averaged over the cells (dataset, model, recipe) that have both,
+    every cell weighted equally; se = sqrt(sum of the cells' se^2) / cells (cells are independent runs).
+
+    >>> t = pd.DataFrame({"schedule": ["dpquant", "dpquant", "random"], "vs_random": [0.02, 0.04, 0.0],
+    ...                   "vs_random_se": [0.03, 0.04, float("nan")]})
+    >>> r = pooled(t).iloc[0]
+    >>> r.schedule, round(float(r.vs_random), 6), round(float(r.vs_random_se), 6), int(r.cells)
+    ('dpquant', 0.03, 0.025, 2)
+    """
+    rows = []
+    for k, g in t[t["schedule"] != "random"].groupby("schedule", sort=False):
+        g = g.dropna(subset=["vs_random", "vs_random_se"])
+        if len(g):
+            rows.append({"schedule": k, "vs_random": g["vs_random"].mean(),
+                         "vs_random_se": (g["vs_random_se"] ** 2).sum() ** 0.5 / len(g), "cells": len(g)})
+    return pd.DataFrame(rows, columns=["schedule", "vs_random", "vs_random_se", "cells"])
+
+
+def pooled_markdown(pool: pd.DataFrame) -> str:
+    lines = ["| schedule | vs random, pooled over cells (diff +- se) | cells |", "|---|---|---|"]
+    lines += [f"| {r.schedule} | {100 * r.vs_random:+.1f} +- {100 * r.vs_random_se:.1f} | {r.cells} |"
+              for r in pool.itertuples()]
+    return "\n".join(lines) + "\n"
+
+
 def to_markdown(t: pd.DataFrame) -> str:
     lines = ["| dataset | model | recipe | schedule | test acc (mean +- std) | vs random (diff +- se) | "
              "seeds | quantized FLOP share | epsilon | estimator eps alone | estimator share |", "|" + "---|" * 11]
@@ -158,16 +188,23 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             train_config(args, *point)
         except ConfigError as e:
             raise SystemExit(f"compare_schedules: {e}") from None
-    rows = []
-    for point in grid:
-        row = run_one(args, *point, root)
+    rows, fp32_rows = [], {}
+    for d, m, r, k, seed in grid:
+        if k == "fp32" and (d, m, seed) in fp32_rows:  # fp32 quantizes nothing: one run serves every recipe
+            row = {**fp32_rows[d, m, seed], "recipe": r}
+        else:
+            row = run_one(args, d, m, r, k, seed, root)
+            if k == "fp32":
+                fp32_rows[d, m, seed] = row
         rows.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     runs = pd.DataFrame(rows)
     table = summarize(runs)
     atomic_write_df(root / "runs.csv", runs)
     atomic_write_df(root / "table.csv", table)
-    md = to_markdown(table)
+    pool = pooled(table)
+    atomic_write_df(root / "pooled.csv", pool)
+    md = to_markdown(table) + "\n" + pooled_markdown(pool)
     atomic_write_text(root / "table.md", md)
     print(md)
     return table

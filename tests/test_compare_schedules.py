@@ -47,3 +47,28 @@ def test_bad_schedule_field_is_one_error_before_any_run(tmp_path):
         cs.main(["--out", str(out), "--datasets", "digits", "--seeds", "0", "--epochs", "1",
                  "--schedules", "random,dpquant:foo=1"])
     assert not out.exists()  # the valid 'random' point did not run either
+
+
+def test_fp32_runs_once_for_every_recipe_and_the_pooled_table(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(args, d, m, r, k, seed, root):
+        calls.append((r, k, seed))
+        acc = {"fp32": 0.9, "random": 0.5, "dpquant": 0.6 if r == "fp4" else 0.5}[k] + 0.01 * seed
+        return {"dataset": d, "model": m, "recipe": r, "schedule": k, "seed": seed, "test_acc": acc,
+                "epsilon": 8.0, "noise_multiplier": 1.0, "estimator_epsilon": 0.0, "estimator_share": 0.0,
+                "quantized_flop_share": 0.5, "wall_s": 0.0}
+
+    monkeypatch.setattr(cs, "run_one", fake_run)
+    cs.main(["--out", str(tmp_path), "--datasets", "digits", "--recipes", "fp4,fp8", "--seeds", "0,1",
+             "--schedules", "fp32,random,dpquant"])
+    assert sorted(c for c in calls if c[1] == "fp32") == [("fp4", "fp32", 0), ("fp4", "fp32", 1)]
+    assert len(calls) == 2 + 2 * 2 * 2
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    assert sorted(runs[runs.schedule == "fp32"].recipe) == ["fp4", "fp4", "fp8", "fp8"]
+    pool = pd.read_csv(tmp_path / "pooled.csv").set_index("schedule")
+    # dpquant: +0.1 in the fp4 cell, 0 in fp8, every std 0.00707 (seeds 0, 1): se = sqrt(2 * 2 * 0.00005 / 2) / 2
+    assert pool.loc["dpquant", "vs_random"] == pytest.approx(0.05)
+    assert pool.loc["dpquant", "vs_random_se"] == pytest.approx(math.sqrt(4 * 0.00005 / 2) / 2)
+    assert pool.loc["fp32", "cells"] == 2
+    assert "| dpquant | +5.0 +- 0.5 | 2 |" in (tmp_path / "table.md").read_text()
