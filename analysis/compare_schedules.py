@@ -73,6 +73,17 @@ def train_config(args, dataset: str, model: str, recipe: str, kind: str, seed: i
     return config.TrainConfig.parse(data)
 
 
+def switches_per_epoch(plans) -> float:
+    """Mean number of layers whose precision changes from one epoch to the next (symmetric difference of
+    consecutive quantized sets), from the metrics' ``plan`` JSON column.
+
+    >>> switches_per_epoch(['{"quantized": {"a": "fp4"}}', '{"quantized": {"b": "fp4"}}', '{"quantized": {"b": "fp4"}}'])
+    1.0
+    """
+    sets = [frozenset(json.loads(p)["quantized"]) for p in plans]
+    return sum(len(a ^ b) for a, b in zip(sets, sets[1:])) / (len(sets) - 1) if len(sets) > 1 else 0.0
+
+
 def run_one(args, dataset: str, model: str, recipe: str, kind: str, seed: int, root: Path) -> dict:
     from dpquant_sim.training import engine
     from dpquant_sim.training.accounting import Mechanism, compose_epsilon
@@ -88,7 +99,8 @@ def run_one(args, dataset: str, model: str, recipe: str, kind: str, seed: int, r
         "test_acc": s["test_acc"], "epsilon": s["epsilon"], "noise_multiplier": s["noise_multiplier"],
         "estimator_epsilon": s.get("estimator_epsilon", 0.0),
         "estimator_share": 1.0 - dpsgd_alone / s["epsilon"] if kind.startswith("dpquant") else 0.0,
-        "quantized_flop_share": s["mean_quantized_flop_share"], "wall_s": time.time() - t0,
+        "quantized_flop_share": s["mean_quantized_flop_share"], "switches": switches_per_epoch(res.metrics["plan"]),
+        "wall_s": time.time() - t0,
     }
 
 
@@ -104,7 +116,8 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     g = runs.groupby(keys, sort=False)
     t = g.agg(acc_mean=("test_acc", "mean"), acc_std=("test_acc", "std"), seeds=("seed", "count"),
               flop_share=("quantized_flop_share", "mean"), epsilon=("epsilon", "mean"),
-              estimator_eps=("estimator_epsilon", "mean"), estimator_share=("estimator_share", "mean"))
+              estimator_eps=("estimator_epsilon", "mean"), estimator_share=("estimator_share", "mean"),
+              switches=("switches", "mean"))
     t = t.reset_index()
     ref = t[t["schedule"] == "random"].set_index(keys[:3])
     idx = pd.MultiIndex.from_frame(t[keys[:3]])
@@ -143,14 +156,15 @@ def pooled_markdown(pool: pd.DataFrame) -> str:
 
 def to_markdown(t: pd.DataFrame) -> str:
     lines = ["| dataset | model | recipe | schedule | test acc (mean +- std) | vs random (diff +- se) | "
-             "seeds | quantized FLOP share | epsilon | estimator eps alone | estimator share |", "|" + "---|" * 11]
+             "seeds | quantized FLOP share | epsilon | estimator eps alone | estimator share | layers switched / epoch |",
+             "|" + "---|" * 12]
     for r in t.itertuples():
         std = 0.0 if pd.isna(r.acc_std) else r.acc_std
         vs = "-" if pd.isna(r.vs_random) or r.schedule == "random" else (
             f"{100 * r.vs_random:+.1f} +- {100 * (0.0 if pd.isna(r.vs_random_se) else r.vs_random_se):.1f}")
         lines.append(f"| {r.dataset} | {r.model} | {r.recipe} | {r.schedule} | {100 * r.acc_mean:.1f} +- "
                      f"{100 * std:.1f} | {vs} | {r.seeds} | {r.flop_share:.3f} | {r.epsilon:.2f} | "
-                     f"{r.estimator_eps:.2f} | {100 * r.estimator_share:.1f}% |")
+                     f"{r.estimator_eps:.2f} | {100 * r.estimator_share:.1f}% | {r.switches:.1f} |")
     return "\n".join(lines) + "\n"
 
 

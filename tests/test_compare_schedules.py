@@ -28,7 +28,8 @@ def test_schedule_tokens():
 def test_summary_difference_to_random_and_its_standard_error():
     acc = {"random": [0.70, 0.80, 0.75], "dpquant": [0.60, 0.90], "fp32": [0.5]}
     rows = [{"dataset": "d", "model": "m", "recipe": "r", "schedule": k, "seed": i, "test_acc": a,
-             "quantized_flop_share": 0.5, "epsilon": 2.0, "estimator_epsilon": 0.0, "estimator_share": 0.0}
+             "quantized_flop_share": 0.5, "epsilon": 2.0, "estimator_epsilon": 0.0, "estimator_share": 0.0,
+             "switches": 1.0}
             for k, v in acc.items() for i, a in enumerate(v)]
     t = cs.summarize(pd.DataFrame(rows)).set_index("schedule")
     # by hand: means 0.75 / 0.75; sample variances 0.0025 (n=3) and 0.045 (n=2)
@@ -57,7 +58,7 @@ def test_fp32_runs_once_for_every_recipe_and_the_pooled_table(tmp_path, monkeypa
         acc = {"fp32": 0.9, "random": 0.5, "dpquant": 0.6 if r == "fp4" else 0.5}[k] + 0.01 * seed
         return {"dataset": d, "model": m, "recipe": r, "schedule": k, "seed": seed, "test_acc": acc,
                 "epsilon": 8.0, "noise_multiplier": 1.0, "estimator_epsilon": 0.0, "estimator_share": 0.0,
-                "quantized_flop_share": 0.5, "wall_s": 0.0}
+                "quantized_flop_share": 0.5, "switches": 0.0, "wall_s": 0.0}
 
     monkeypatch.setattr(cs, "run_one", fake_run)
     cs.main(["--out", str(tmp_path), "--datasets", "digits", "--recipes", "fp4,fp8", "--seeds", "0,1",
