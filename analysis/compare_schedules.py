@@ -6,7 +6,8 @@ finished run directory is reused). Writes, under ``--out``:
 - ``runs.csv``: one row per run (final test accuracy, epsilon, estimator epsilon alone, the estimator's
   marginal share of the budget, mean quantized FLOP share, noise multiplier, wall time);
 - ``table.csv`` / ``table.md``: mean +- std over seeds per (dataset, model, recipe, schedule), and each
-  schedule's difference to random pooled over those cells (``pooled.csv``).
+  schedule's difference to the reference schedule (``--reference``, default ``random``) pooled over those
+  cells (``pooled.csv``).
 
 ``fp32`` quantizes nothing, so it runs once per (dataset, model, seed) and its row is repeated for every
 recipe (under the first recipe's directory).
@@ -104,9 +105,9 @@ def run_one(args, dataset: str, model: str, recipe: str, kind: str, seed: int, r
     }
 
 
-def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean/std over seeds per (dataset, model, recipe, schedule), plus the difference of means to ``random``
-    with its standard error sqrt(s1^2/n1 + s2^2/n2).
+def summarize(runs: pd.DataFrame, reference: str = "random") -> pd.DataFrame:
+    """Mean/std over seeds per (dataset, model, recipe, schedule), plus the difference of means to the
+    ``reference`` schedule with its standard error sqrt(s1^2/n1 + s2^2/n2).
 
     Unpaired on purpose: DP training is chaotic enough that any change (another schedule's layer draws, a 1%
     larger noise multiplier) decorrelates a seed's trajectory, so same-seed differences are not tighter than
@@ -119,49 +120,49 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
               estimator_eps=("estimator_epsilon", "mean"), estimator_share=("estimator_share", "mean"),
               switches=("switches", "mean"))
     t = t.reset_index()
-    ref = t[t["schedule"] == "random"].set_index(keys[:3])
+    ref = t[t["schedule"] == reference].set_index(keys[:3])
     idx = pd.MultiIndex.from_frame(t[keys[:3]])
     r_mean = ref["acc_mean"].reindex(idx).to_numpy()
     r_var = (ref["acc_std"] ** 2 / ref["seeds"]).reindex(idx).to_numpy()
-    t["vs_random"] = t["acc_mean"].to_numpy() - r_mean
-    t["vs_random_se"] = (t["acc_std"].to_numpy() ** 2 / t["seeds"].to_numpy() + r_var) ** 0.5
+    t["vs_ref"] = t["acc_mean"].to_numpy() - r_mean
+    t["vs_ref_se"] = (t["acc_std"].to_numpy() ** 2 / t["seeds"].to_numpy() + r_var) ** 0.5
     return t
 
 
-def pooled(t: pd.DataFrame) -> pd.DataFrame:
-    """Each schedule's difference to ``random`` averaged over the cells (dataset, model, recipe) that have both,
+def pooled(t: pd.DataFrame, reference: str = "random") -> pd.DataFrame:
+    """Each schedule's difference to the reference averaged over the cells (dataset, model, recipe) that have both,
     every cell weighted equally; se = sqrt(sum of the cells' se^2) / cells (cells are independent runs).
 
-    >>> t = pd.DataFrame({"schedule": ["dpquant", "dpquant", "random"], "vs_random": [0.02, 0.04, 0.0],
-    ...                   "vs_random_se": [0.03, 0.04, float("nan")]})
+    >>> t = pd.DataFrame({"schedule": ["dpquant", "dpquant", "random"], "vs_ref": [0.02, 0.04, 0.0],
+    ...                   "vs_ref_se": [0.03, 0.04, float("nan")]})
     >>> r = pooled(t).iloc[0]
-    >>> r.schedule, round(float(r.vs_random), 6), round(float(r.vs_random_se), 6), int(r.cells)
+    >>> r.schedule, round(float(r.vs_ref), 6), round(float(r.vs_ref_se), 6), int(r.cells)
     ('dpquant', 0.03, 0.025, 2)
     """
     rows = []
-    for k, g in t[t["schedule"] != "random"].groupby("schedule", sort=False):
-        g = g.dropna(subset=["vs_random", "vs_random_se"])
+    for k, g in t[t["schedule"] != reference].groupby("schedule", sort=False):
+        g = g.dropna(subset=["vs_ref", "vs_ref_se"])
         if len(g):
-            rows.append({"schedule": k, "vs_random": g["vs_random"].mean(),
-                         "vs_random_se": (g["vs_random_se"] ** 2).sum() ** 0.5 / len(g), "cells": len(g)})
-    return pd.DataFrame(rows, columns=["schedule", "vs_random", "vs_random_se", "cells"])
+            rows.append({"schedule": k, "vs_ref": g["vs_ref"].mean(),
+                         "vs_ref_se": (g["vs_ref_se"] ** 2).sum() ** 0.5 / len(g), "cells": len(g)})
+    return pd.DataFrame(rows, columns=["schedule", "vs_ref", "vs_ref_se", "cells"])
 
 
-def pooled_markdown(pool: pd.DataFrame) -> str:
-    lines = ["| schedule | vs random, pooled over cells (diff +- se) | cells |", "|---|---|---|"]
-    lines += [f"| {r.schedule} | {100 * r.vs_random:+.1f} +- {100 * r.vs_random_se:.1f} | {r.cells} |"
+def pooled_markdown(pool: pd.DataFrame, reference: str = "random") -> str:
+    lines = [f"| schedule | vs {reference}, pooled over cells (diff +- se) | cells |", "|---|---|---|"]
+    lines += [f"| {r.schedule} | {100 * r.vs_ref:+.1f} +- {100 * r.vs_ref_se:.1f} | {r.cells} |"
               for r in pool.itertuples()]
     return "\n".join(lines) + "\n"
 
 
-def to_markdown(t: pd.DataFrame) -> str:
-    lines = ["| dataset | model | recipe | schedule | test acc (mean +- std) | vs random (diff +- se) | "
+def to_markdown(t: pd.DataFrame, reference: str = "random") -> str:
+    lines = ["| dataset | model | recipe | schedule | test acc (mean +- std) | vs " + reference + " (diff +- se) | "
              "seeds | quantized FLOP share | epsilon | estimator eps alone | estimator share | layers switched / epoch |",
              "|" + "---|" * 12]
     for r in t.itertuples():
         std = 0.0 if pd.isna(r.acc_std) else r.acc_std
-        vs = "-" if pd.isna(r.vs_random) or r.schedule == "random" else (
-            f"{100 * r.vs_random:+.1f} +- {100 * (0.0 if pd.isna(r.vs_random_se) else r.vs_random_se):.1f}")
+        vs = "-" if pd.isna(r.vs_ref) or r.schedule == reference else (
+            f"{100 * r.vs_ref:+.1f} +- {100 * (0.0 if pd.isna(r.vs_ref_se) else r.vs_ref_se):.1f}")
         lines.append(f"| {r.dataset} | {r.model} | {r.recipe} | {r.schedule} | {100 * r.acc_mean:.1f} +- "
                      f"{100 * std:.1f} | {vs} | {r.seeds} | {r.flop_share:.3f} | {r.epsilon:.2f} | "
                      f"{r.estimator_eps:.2f} | {100 * r.estimator_share:.1f}% | {r.switches:.1f} |")
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--synthetic-size", type=int, default=12)
     p.add_argument("--synthetic-noise", type=float, default=1.0, help="per-pixel noise std of the synthetic data")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reference", default="random",
+                   help="the schedule token the table's differences are taken against (default random)")
     args = p.parse_args(argv)
 
     from dpquant_sim.errors import ConfigError
@@ -195,6 +198,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise SystemExit(f"--seeds: {args.seeds!r} is not a comma-separated list of integers") from None
+    if args.reference not in args.schedules.split(","):
+        raise SystemExit(f"--reference: {args.reference!r} is not one of --schedules {args.schedules!r}")
     grid = [(d, m, r, k, seed) for d in args.datasets.split(",") for m in args.models.split(",")
             for r in args.recipes.split(",") for k in args.schedules.split(",") for seed in seeds]
     for point in grid:  # every configuration is valid before any run starts
@@ -213,12 +218,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         rows.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     runs = pd.DataFrame(rows)
-    table = summarize(runs)
+    table = summarize(runs, args.reference)
     atomic_write_df(root / "runs.csv", runs)
     atomic_write_df(root / "table.csv", table)
-    pool = pooled(table)
+    pool = pooled(table, args.reference)
     atomic_write_df(root / "pooled.csv", pool)
-    md = to_markdown(table) + "\n" + pooled_markdown(pool)
+    md = to_markdown(table, args.reference) + "\n" + pooled_markdown(pool, args.reference)
     atomic_write_text(root / "table.md", md)
     print(md)
     return table

@@ -34,10 +34,10 @@ def test_summary_difference_to_random_and_its_standard_error():
     t = cs.summarize(pd.DataFrame(rows)).set_index("schedule")
     # by hand: means 0.75 / 0.75; sample variances 0.0025 (n=3) and 0.045 (n=2)
     assert t.loc["dpquant", "acc_mean"] == pytest.approx(0.75)
-    assert t.loc["dpquant", "vs_random"] == pytest.approx(0.0, abs=1e-12)
-    assert t.loc["dpquant", "vs_random_se"] == pytest.approx(math.sqrt(0.0025 / 3 + 0.045 / 2))
-    assert t.loc["random", "vs_random"] == pytest.approx(0.0, abs=1e-12)
-    assert math.isnan(t.loc["fp32", "vs_random_se"])  # one seed: no spread, no standard error
+    assert t.loc["dpquant", "vs_ref"] == pytest.approx(0.0, abs=1e-12)
+    assert t.loc["dpquant", "vs_ref_se"] == pytest.approx(math.sqrt(0.0025 / 3 + 0.045 / 2))
+    assert t.loc["random", "vs_ref"] == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(t.loc["fp32", "vs_ref_se"])  # one seed: no spread, no standard error
     md = cs.to_markdown(t.reset_index())
     assert "| dpquant | 75.0 +- 21.2 | +0.0 +- 15.3 | 2 |" in md
 
@@ -63,13 +63,21 @@ def test_fp32_runs_once_for_every_recipe_and_the_pooled_table(tmp_path, monkeypa
     monkeypatch.setattr(cs, "run_one", fake_run)
     cs.main(["--out", str(tmp_path), "--datasets", "digits", "--recipes", "fp4,fp8", "--seeds", "0,1",
              "--schedules", "fp32,random,dpquant"])
+    t_static = cs.summarize(pd.read_csv(tmp_path / "runs.csv"), "fp32").set_index(["recipe", "schedule"])
+    assert t_static.loc[("fp4", "dpquant"), "vs_ref"] == pytest.approx(0.6 - 0.9)
     assert sorted(c for c in calls if c[1] == "fp32") == [("fp4", "fp32", 0), ("fp4", "fp32", 1)]
     assert len(calls) == 2 + 2 * 2 * 2
     runs = pd.read_csv(tmp_path / "runs.csv")
     assert sorted(runs[runs.schedule == "fp32"].recipe) == ["fp4", "fp4", "fp8", "fp8"]
     pool = pd.read_csv(tmp_path / "pooled.csv").set_index("schedule")
     # dpquant: +0.1 in the fp4 cell, 0 in fp8, every std 0.00707 (seeds 0, 1): se = sqrt(2 * 2 * 0.00005 / 2) / 2
-    assert pool.loc["dpquant", "vs_random"] == pytest.approx(0.05)
-    assert pool.loc["dpquant", "vs_random_se"] == pytest.approx(math.sqrt(4 * 0.00005 / 2) / 2)
+    assert pool.loc["dpquant", "vs_ref"] == pytest.approx(0.05)
+    assert pool.loc["dpquant", "vs_ref_se"] == pytest.approx(math.sqrt(4 * 0.00005 / 2) / 2)
     assert pool.loc["fp32", "cells"] == 2
     assert "| dpquant | +5.0 +- 0.5 | 2 |" in (tmp_path / "table.md").read_text()
+
+
+def test_reference_must_be_one_of_the_schedules(tmp_path):
+    with pytest.raises(SystemExit, match=r"--reference: 'static-all' is not one of --schedules 'random,dpquant'"):
+        cs.main(["--out", str(tmp_path / "x"), "--schedules", "random,dpquant", "--reference", "static-all"])
+    assert not (tmp_path / "x").exists()
