@@ -219,3 +219,32 @@ def test_seeded_determinism_and_resume(kind):
     s2.load_state_dict(s1.state_dict())
     rest, _ = run(99, 12, sched=s2, start=5)  # a different ctx.rng must not matter once the state is loaded
     assert [p.to_json() for p in first + rest] == [p.to_json() for p in a]
+
+
+def test_random_hold_epochs_keeps_each_draw_and_resumes_mid_hold():
+    """hold_epochs=3: draws at epochs 0, 3, 6 (info.redrawn), identical sets in between; every epoch's
+    inclusion probabilities are still the budget; a schedule restored mid-hold returns the held set."""
+    cfg = {"kind": "random", "budget": 0.5, "budget_unit": "layers", "hold_epochs": 3}
+    sched, rng = build_schedule(cfg), np.random.default_rng(5)
+    plans = [sched.plan(ScheduleContext(e, 100, LAYERS, "fp4", rng)) for e in range(8)]
+    assert [p.info["redrawn"] for p in plans] == [e % 3 == 0 for e in range(8)]
+    for e in range(8):
+        assert set(plans[e].quantized) == set(plans[e - e % 3].quantized)
+        assert plans[e].probs == pytest.approx({n: 0.5 for n in "abcd"})
+    # restore after epoch 4 (mid-hold) and continue: epoch 5 is epoch 3's set, epoch 6 a fresh draw
+    sched2, rng2 = build_schedule(cfg), np.random.default_rng(5)
+    for e in range(5):
+        sched2.plan(ScheduleContext(e, 100, LAYERS, "fp4", rng2))
+    resumed = build_schedule(cfg)
+    resumed.load_state_dict(sched2.state_dict())
+    tail = [resumed.plan(ScheduleContext(e, 100, LAYERS, "fp4", rng2)) for e in (5, 6, 7)]
+    assert [set(p.quantized) for p in tail] == [set(p.quantized) for p in plans[5:8]]
+    # over many draws each layer is held in about half the epochs (the budget), as with hold 1
+    sched3, rng3 = build_schedule(cfg), np.random.default_rng(0)
+    counts = {n: 0 for n in "abcd"}
+    for e in range(3000):
+        for n in sched3.plan(ScheduleContext(e, 3000, LAYERS, "fp4", rng3)).quantized:
+            counts[n] += 1
+    assert all(abs(c / 3000 - 0.5) < 0.05 for c in counts.values())
+    with pytest.raises(ConfigError, match="hold_epochs"):
+        build_schedule({"kind": "random", "budget": 0.5, "hold_epochs": 0})

@@ -49,6 +49,10 @@ class RandomConfig(_Budgeted):
     """Each epoch a uniformly random subset meeting the budget (rotation without priorities)."""
 
     kind: Literal["random"] = "random"
+    hold_epochs: int = Field(
+        1, ge=1, description="keep each drawn set for this many epochs (1: redraw every epoch); an ablation of "
+        "how often layers switch precision, at the same expected share"
+    )
 
 
 class DPQuantConfig(_Budgeted):

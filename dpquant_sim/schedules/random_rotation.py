@@ -4,6 +4,9 @@ Every layer gets inclusion probability pi_l = b (the capped-proportional rule of
 weights), drawn by randomized systematic sampling, so the expected quantized share is exactly b in either
 budget unit, and with ``budget_unit='layers'`` and integer b*L the set is a uniform random b*L-subset.
 
+``hold_epochs`` R > 1 keeps each draw for R epochs (draws at epochs 0, R, 2R, ...): every layer still has
+inclusion probability b in every epoch, but layers switch precision R times less often.
+
 The schedule owns its random stream (seeded from ``ctx.rng`` on the first call and kept in
 ``state_dict``) so a resumed run draws the same sets.
 
@@ -60,18 +63,28 @@ class RandomRotationSchedule(OwnRng):
     def __init__(self, cfg: RandomConfig):
         super().__init__()
         self.cfg = cfg
+        self.held: list[str] | None = None  # the current draw's quantized layers (kept for hold_epochs)
 
     def plan(self, ctx: ScheduleContext) -> EpochPlan:
         names = [layer.name for layer in ctx.layers]
         sizes = layer_sizes([layer.flops for layer in ctx.layers], self.cfg.budget_unit)
         pi = inclusion_probabilities(np.ones(len(names)), sizes, self.cfg.budget)
-        mask = draw_subset(pi, self.rng(ctx))
+        redraw = self.held is None or ctx.epoch % self.cfg.hold_epochs == 0 or not set(self.held) <= set(names)
+        if redraw:
+            mask = draw_subset(pi, self.rng(ctx))
+            self.held = [n for n, m in zip(names, mask) if m]
+        else:
+            held = set(self.held)
+            mask = np.array([n in held for n in names])
         info = {"schedule": "random", "budget": self.cfg.budget, "budget_unit": self.cfg.budget_unit,
-                "expected_share": expected_share(pi, sizes), "realized_share": realized_share(mask, sizes)}
+                "expected_share": expected_share(pi, sizes), "realized_share": realized_share(mask, sizes),
+                "redrawn": bool(redraw)}
         return build_plan(ctx, mask, probs={n: float(p) for n, p in zip(names, pi)}, info=info)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng_state()}
+        return {"rng": self.rng_state(), "held": self.held}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.load_rng_state(state.get("rng"))
+        held = state.get("held")
+        self.held = None if held is None else [str(n) for n in held]
