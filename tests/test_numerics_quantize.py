@@ -338,6 +338,22 @@ def test_eager_keeps_nan_bits_and_signed_zero(name):
             assert y.view(torch.int32)[pos[-1]].item() == -(1 << 31)  # -0.0
 
 
+def test_eager_returns_row_major_strides_like_the_kernel():
+    """A 1-channel NCHW batch can be contiguous with channels-last strides (64, 1, 8, 1); the result must have
+    the default strides (64, 64, 8, 1), as the integer kernel's elementwise ops return: a convolution fed the
+    other layout takes its channels-last path, whose float rounding differs, so training results would depend
+    on the backend."""
+    from dpquant_sim.numerics.quantize import _eager, _kernel, _overflow_code, _params
+
+    x = torch.randn(4, 8, 8, 1, generator=torch.Generator().manual_seed(0)).permute(0, 3, 1, 2)
+    assert x.is_contiguous() and x.stride() == (64, 1, 8, 1)
+    f = get_format("fp4_e2m1")
+    args = (*_params(f), _overflow_code(f, "saturate"))
+    for seed in (None, torch.tensor([7, 8])):
+        assert _eager(x, seed, *args).stride() == _kernel(x, seed, *args).stride() == (64, 64, 8, 1)
+    assert quantize(x, "fp4_e2m1").stride() == (64, 64, 8, 1)
+
+
 @pytest.mark.parametrize("name", list(ORACLE) + ["int8", "int4", "log4"])
 def test_eager_equals_integer_kernel(name):
     """The eager paths (float magic number, bf16 pattern rounding, blocked integer kernel with in-place RNG)

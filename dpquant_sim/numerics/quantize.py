@@ -326,7 +326,10 @@ def _eager(
     ``x`` must be contiguous float32. Stochastic rounding and log4 nearest run ``_round_bits`` per block
     with the random bits made in place.
     """
-    out = torch.empty_like(x)
+    # default (row-major) strides, as the kernel and the compiled backend return: empty_like would keep an
+    # ambiguous layout such as (64, 1, 8, 1) for a 1-channel batch, and convolutions then take their
+    # channels-last path, whose different float rounding changes training results between backends
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n = x.numel()
     if n == 0:
         return out
