@@ -53,21 +53,13 @@ def estimator_noise_std(run_dir: Path, cfg, n_train: int) -> tuple[float, float,
 
 def layer_sensitivity(run_dir: str | Path, recipe: str | None = None, batch_size: int = 512) -> tuple[pd.DataFrame, dict]:
     """Per-layer table (layer, flops share, R, R se, clipped R) and a dict of the estimator's noise figures."""
-    import dpquant_sim.nn as qnn
     from dpquant_sim.nn.shapes import gemm_layers
-    from dpquant_sim.training.config import TrainConfig
-    from dpquant_sim.training.engine import _load_data, load_checkpoint
-    from dpquant_sim.training.models import build_model
+    from dpquant_sim.training.engine import load_run
     from dpquant_sim.training.sensitivity import make_loss_delta_fn
 
     run_dir = Path(run_dir)
-    cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
+    cfg, data, model = load_run(run_dir)
     recipe = recipe or cfg.recipe
-    data = _load_data(cfg)
-    c, h, _ = data.input_shape
-    model = qnn.convert_model(build_model(cfg.model, in_channels=c, num_classes=data.num_classes, image_size=h),
-                              seed=cfg.seed)
-    model.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["model"])
     layers = gemm_layers(model, data.input_shape)
     names = [s.name for s in layers]
     flops = np.array([s.forward_flops for s in layers], dtype=np.float64)

@@ -223,7 +223,6 @@ class _Run:
         from dpquant_sim.nn.shapes import gemm_layers
         from dpquant_sim.schedules import build_schedule
         from dpquant_sim.schedules.base import LayerInfo
-        from dpquant_sim.training.models import build_model
 
         self.cfg, self.out_dir = cfg, out_dir
         if cfg.threads:
@@ -239,11 +238,7 @@ class _Run:
             raise ConfigError("batch_size", cfg.batch_size, f"at most the training set size {n}")
         self.x_train, self.y_train = (t.to(self.device) for t in self.data.train.tensors)
         self.x_test, self.y_test = (t.to(self.device) for t in self.data.test.tensors)
-        c, h, w = self.data.input_shape
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seeds["init"])
-            model = build_model(cfg.model, in_channels=c, num_classes=self.data.num_classes, image_size=h)
-        model = qnn.convert_model(model, seed=cfg.seed).to(self.device)
+        model = build_run_model(cfg, self.data).to(self.device)
         if self.device.type != "cpu":
             qnn.set_generators(model, cfg.seed)
         self.model = model  # the plain (converted) model; plans and checkpoints use its names
@@ -480,6 +475,33 @@ def make_base(cfg: TrainConfig, model: nn.Module):
                                weight_decay=cfg.weight_decay)
 
 
+def build_run_model(cfg: TrainConfig, data) -> nn.Module:
+    """The converted (quantizable, full-precision) model of ``cfg`` for ``data``'s input shape and classes, with
+    the run's initial weights (seeded from ``cfg.seed``, torch's global RNG untouched), on CPU."""
+    import dpquant_sim.nn as qnn
+    from dpquant_sim.training.models import build_model
+
+    c, h, _ = data.input_shape
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_seeds(cfg.seed)["init"])
+        model = build_model(cfg.model, in_channels=c, num_classes=data.num_classes, image_size=h)
+    return qnn.convert_model(model, seed=cfg.seed)
+
+
+def load_run(run_dir: str | Path):
+    """A run directory's (config, data, model with the checkpoint's weights, on CPU), e.g. to analyse a finished
+    run. Raises FileNotFoundError naming the missing file."""
+    run_dir = Path(run_dir)
+    for f in ("config.yaml", "checkpoint.pt"):
+        if not (run_dir / f).is_file():
+            raise FileNotFoundError(f"{run_dir}: no {f} (not a run directory written by dpquant-sim train)")
+    cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
+    data = _load_data(cfg)
+    model = build_run_model(cfg, data)
+    model.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["model"])
+    return cfg, data, model
+
+
 def _write_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda p: torch.save(state, p))
 
@@ -645,4 +667,4 @@ def _result_from_dir(out: Path, cfg: TrainConfig) -> RunResult:
     return RunResult(out, cfg, metrics, summary)
 
 
-__all__ = ["train", "RunResult", "evaluate", "load_checkpoint", "METRIC_COLUMNS"]
+__all__ = ["train", "RunResult", "evaluate", "load_checkpoint", "load_run", "build_run_model", "METRIC_COLUMNS"]
