@@ -14,7 +14,9 @@ How one run goes:
    DP noise, the schedule's RNG and the estimator's sampling; quantized layers' stochastic rounding is
    seeded by ``nn.convert_model(model, seed=config.seed)``. Same config, same numbers.
 2. Model: ``build_model`` -> ``nn.convert_model`` (Q layers, full precision) -> Opacus ``GradSampleModule``
-   (hooks mode; our Q layers have registered grad samplers) for private runs.
+   (hooks mode; our Q layers have registered grad samplers) for private runs. The loss is sum-reduced, so
+   every per-example computation (quantizer scales included) sees d loss_i / d y_i whatever the realized
+   Poisson batch size; the optimizer divides the noisy clipped sum by the *expected* batch size once.
 3. Privacy: sample rate q = batch_size / n_train, steps per epoch = round(1 / q), Poisson sampling with
    Opacus's ``UniformWithReplacementSampler`` rule (each example independently with probability q) from a
    seeded generator. With a target epsilon the noise multiplier is calibrated by bisection over the whole
@@ -267,7 +269,11 @@ class _Run:
             from dpquant_sim.training.optim import MaskedDPOptimizer
 
             ModuleValidator.validate(model, strict=True)
-            self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+            # Sum reduction: each example's output gradient is d loss_i / d y_i, whatever the realized Poisson
+            # batch size |B|. A mean-reduced loss would hand every quantizer dy_i / |B|, and a power-of-two
+            # (MX) scale rounds that differently for each |B|, so one example's clipped gradient would depend on
+            # whether another was sampled. The optimizer divides by the *expected* batch size once, after noise.
+            self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
             self.noise_gen = torch.Generator(device=self.device).manual_seed(seeds["noise"])
             self.optimizer = MaskedDPOptimizer(base, noise_multiplier=self.sigma, max_grad_norm=cfg.max_grad_norm,
                                                expected_batch_size=cfg.batch_size, generator=self.noise_gen)
@@ -350,9 +356,9 @@ class _Run:
                 chunks = self._batches(idx)
                 for i, ci in enumerate(chunks):
                     out = self.gsm(self.x_train[ci])
-                    loss = F.cross_entropy(out, self.y_train[ci])
+                    loss = F.cross_entropy(out, self.y_train[ci], reduction="sum")
                     loss.backward()
-                    loss_sum += float(loss.detach()) * len(ci)
+                    loss_sum += float(loss.detach())
                     if i < len(chunks) - 1:
                         opt.signal_skip_step(do_skip=True)
                         opt.step()
