@@ -279,24 +279,21 @@ class _Run:
 
         base = make_base(cfg, model)
         if cfg.private:
-            from opacus import GradSampleModule
             from opacus.validators import ModuleValidator
 
-            from dpquant_sim.training.optim import MaskedDPOptimizer
-
             ModuleValidator.validate(model, strict=True)
-            # Sum reduction: each example's output gradient is d loss_i / d y_i, whatever the realized Poisson
-            # batch size |B|. A mean-reduced loss would hand every quantizer dy_i / |B|, and a power-of-two
-            # (MX) scale rounds that differently for each |B|, so one example's clipped gradient would depend on
-            # whether another was sampled. The optimizer divides by the *expected* batch size once, after noise.
-            self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
             self.noise_gen = torch.Generator(device=self.device).manual_seed(seeds["noise"])
-            # secure_mode: Opacus's noise that resists floating-point attacks (sum of 4 normals, arXiv 2107.10138)
-            self.optimizer = MaskedDPOptimizer(base, noise_multiplier=self.sigma, max_grad_norm=cfg.max_grad_norm,
-                                               expected_batch_size=cfg.batch_size, generator=self.noise_gen,
-                                               secure_mode=cfg.secure_noise)
         else:
-            self.gsm, self.noise_gen, self.optimizer = None, None, base
+            self.noise_gen = None
+        # The loss is summed in every algorithm: each example's output gradient is d loss_i / d y_i, whatever the
+        # realized Poisson batch size |B|. A mean-reduced loss would hand every quantizer dy_i / |B|, and a
+        # power-of-two (MX) scale rounds that differently for each |B|, so one example's clipped gradient would
+        # depend on whether another was sampled. The DP optimizer divides by the *expected* batch size once.
+        from dpquant_sim.training.clipping import build_clipping
+
+        dp = dict(noise_multiplier=self.sigma, max_grad_norm=cfg.max_grad_norm, expected_batch_size=cfg.batch_size,
+                  generator=self.noise_gen, secure_mode=cfg.secure_noise) if cfg.private else {}
+        self.clipper = build_clipping(cfg.clipping if cfg.private else "none", model, base, **dp)
         self.base_optimizer = base
         self.sampler_gen = torch.Generator().manual_seed(seeds["sampler"])
         self.ctx_rng = np.random.default_rng(seeds["schedule"])
@@ -364,37 +361,8 @@ class _Run:
         masks = self.prune_state.param_masks(self.model) if self.prune_state is not None else None
         if self.dropper is not None:
             masks = _named_masks(self.model, self.dropper.masks(self.model, self.global_step, base=masks))
-        loss_sum = 0.0
-        if self.cfg.private:
-            opt = self.optimizer
-            opt.set_masks(masks)
-            if len(idx) == 0:
-                opt.prepare_empty_batch()
-            else:
-                chunks = self._batches(idx)
-                for i, ci in enumerate(chunks):
-                    out = self.gsm(self.x_train[ci])
-                    loss = F.cross_entropy(out, self.y_train[ci], reduction="sum")
-                    loss.backward()
-                    loss_sum += float(loss.detach())
-                    if i < len(chunks) - 1:
-                        opt.signal_skip_step(do_skip=True)
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        elif len(idx) > 0:
-            from dpquant_sim.training.optim import mask_plain_grads
-
-            self.model.train()
-            for ci in self._batches(idx):
-                out = self.model(self.x_train[ci])
-                loss = F.cross_entropy(out, self.y_train[ci], reduction="sum")
-                (loss / len(idx)).backward()
-                loss_sum += float(loss.detach())
-            mask_plain_grads(self.model.parameters(), masks)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        chunks = [(self.x_train[ci], self.y_train[ci]) for ci in self._batches(idx)] if len(idx) else []
+        loss_sum = self.clipper.step(chunks, masks)
         if self.prune_state is not None:
             self.prune_state.reapply(self.model)
         self.global_step += 1
