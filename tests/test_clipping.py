@@ -132,8 +132,8 @@ def test_norms_equal_a_batch_of_one_loop(recipe):
     model = _model("cnn", _nearest(recipe) if recipe else None, torch.float64)
     x, y = _batch()
     x = x.double()
-    rec = _Recorder(model)
-    rec.active = True
+    rec = _Recorder(model, "mixed")
+    rec.start(None, keep=lambda m: True)
     xr = x.clone().requires_grad_(True)
     torch.autograd.grad(F.cross_entropy(model(xr), y, reduction="sum"), xr)
     rec.active = False
@@ -142,9 +142,11 @@ def test_norms_equal_a_batch_of_one_loop(recipe):
         model.zero_grad()
         F.cross_entropy(model(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
         ref.append(sum(float((p.grad ** 2).sum()) for p in model.parameters()))
+    want = torch.tensor(ref, dtype=torch.float64)
+    torch.testing.assert_close(rec.sq, want, rtol=1e-9, atol=0)  # as recorded during the backward pass
     for method in ("ghost", "materialize"):
         got = sum(rec.ops[m].sq_norms(m, rec.acts[m], rec.grads[m], method) for m in rec.layers)
-        torch.testing.assert_close(got, torch.tensor(ref, dtype=got.dtype), rtol=1e-9, atol=0)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
     rec.close()
 
 
@@ -218,3 +220,39 @@ def test_opacus_ghost_mode_on_a_quantized_layer_is_refused():
     got = GradSampleHooksFastGradientClipping.NORM_SAMPLERS[type(layer)](layer, [xs], dys)[layer.weight]
     torch.testing.assert_close(got, want)
     assert layer_ops(layer) is not None
+
+
+# ---------------------------------------------------------------- layer ops on every conv geometry
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from test_nn_grad_sample import conv_geometry  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(g=conv_geometry(), seed=st.integers(0, 2**16))
+def test_conv_ops_match_per_sample_gradients_every_geometry(g, seed):
+    """Ghost and materialised norms and the weighted sum against the per-sample gradients of the registered
+    grad sampler (itself checked against a batch-of-1 loop) on random strides, paddings (incl. 'same' and
+    reflect), dilations and groups; float64."""
+    from dpquant_sim.nn import QConv2d
+    from dpquant_sim.nn.grad_samplers import compute_qconv2d_grad_sample
+
+    torch.manual_seed(seed)
+    layer = QConv2d(g["cin"], g["cout"], g["k"], stride=g["stride"], padding=g["padding"], dilation=g["dilation"],
+                    groups=g["groups"], bias=g["bias"], padding_mode=g["padding_mode"]).double()
+    x = torch.randn(g["n"], g["cin"], g["h"], g["w"], dtype=torch.float64)
+    with torch.no_grad():
+        dy = torch.randn_like(layer(x))
+    ref = compute_qconv2d_grad_sample(layer, [x], dy)
+    want_sq = sum(v.reshape(len(v), -1).pow(2).sum(1) for v in ref.values())
+    c = torch.rand(g["n"], dtype=torch.float64)
+    ops = layer_ops(layer)
+    for method in ("ghost", "materialize"):
+        torch.testing.assert_close(ops.sq_norms(layer, x, dy, method), want_sq, rtol=1e-10, atol=1e-12)
+    got = ops.weighted_sum(layer, x, dy, c)
+    for p, v in ref.items():
+        torch.testing.assert_close(got[p], torch.einsum("b,b...->...", c, v), rtol=1e-10, atol=1e-12)
+    mats = ops.per_sample(layer, x, dy)
+    for p, v in ref.items():
+        torch.testing.assert_close(mats[p], v, rtol=1e-10, atol=1e-12)

@@ -40,6 +40,7 @@ from dpquant_sim.nn.layers import QConv2d, QLinear, row_major
 
 Param = nn.Parameter
 Masks = Mapping[Param, torch.Tensor]
+BLOCK_ELEMS = 1 << 18  # floor of the transient elements per block of examples (im2col, Gram matrices)
 
 
 # ------------------------------------------------------------------------------------------------ operands
@@ -73,6 +74,30 @@ def ghost_sq_norms(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     if a.shape[2] == 1:
         return (a.pow(2).sum(-1) * d.pow(2).sum(-1)).sum((1, 2))
     return ((a @ a.transpose(-1, -2)) * (d @ d.transpose(-1, -2))).sum((1, 2, 3))
+
+
+def _example_blocks(n: int, per_example: int, budget: int) -> list[slice]:
+    """Slices of the batch whose transient buffers (``per_example`` elements per example) stay under
+    max(budget, BLOCK_ELEMS) elements: the norm of a layer then never needs more working memory than its own
+    operands (an im2col is kh*kw times the input), on top of a small floor that keeps the blocks few."""
+    step = max(1, max(budget, BLOCK_ELEMS) // max(per_example, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _conv_input_and_padding(layer: QConv2d, x: torch.Tensor):
+    """The conv input padded as the forward did where torch's kernels cannot express it ('same' with odd
+    totals, reflect/replicate/circular), and the padding left for the kernel."""
+    if layer.padding_mode != "zeros":
+        return F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), (0, 0)
+    if isinstance(layer.padding, str):
+        if layer.padding == "valid":
+            return x, (0, 0)
+        pads = []
+        for k, dil in zip(reversed(layer.kernel_size), reversed(layer.dilation)):  # W first, as F.pad wants
+            total = dil * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads), (0, 0)
+    return x, layer.padding
 
 
 def _bias_per_sample(layer: nn.Module, dy: torch.Tensor) -> torch.Tensor:
@@ -133,16 +158,22 @@ class GemmClipOps(ClipOps):
         masks = masks or {}
         w, b = layer.weight, layer.bias
         if w.requires_grad:
-            a, d = gemm_operands(layer, x, dy)
-            if w in masks:
-                gw = (d.transpose(-1, -2) @ a).reshape(n, *w.shape) * masks[w].to(dy.dtype)
-                total = total + _flat_sq(gw)
-            elif method == "ghost":
-                total = total + ghost_sq_norms(a, d)
-            elif method == "materialize":
-                total = total + (d.transpose(-1, -2) @ a).pow(2).sum((1, 2, 3))
-            else:
+            if method not in ("ghost", "materialize"):
                 raise ConfigError("norm method", method, ("ghost", "materialize"))
+            T, d, p = _dims(layer, x, dy)
+            ghost = method == "ghost" and w not in masks
+            per_example = T * d + (2 * T * T if ghost else p * d)
+            parts = []
+            for sl in _example_blocks(n, per_example, max(x.numel(), dy.numel())):
+                a, g = gemm_operands(layer, x[sl], dy[sl])
+                if ghost:
+                    parts.append(ghost_sq_norms(a, g))
+                else:
+                    gw = g.transpose(-1, -2) @ a
+                    if w in masks:
+                        gw = gw.reshape(gw.shape[0], *w.shape) * masks[w].to(gw.dtype)
+                    parts.append(_flat_sq(gw))
+            total = total + torch.cat(parts)
         if b is not None and b.requires_grad:
             gb = _bias_per_sample(layer, dy)
             if b in masks:
@@ -154,9 +185,15 @@ class GemmClipOps(ClipOps):
         out: dict[Param, torch.Tensor] = {}
         cd = dy * c.to(dy.dtype).reshape(-1, *([1] * (dy.dim() - 1)))
         if layer.weight.requires_grad:
-            a, d = gemm_operands(layer, x, cd)
-            # one GEMM over (examples x rows): sum_i c_i dY_i^T X_i
-            out[layer.weight] = torch.einsum("bgtp,bgtd->gpd", d, a).reshape(layer.weight.shape)
+            # one GEMM over (examples x rows): sum_i c_i dY_i^T X_i -- for a conv the layer's own wgrad kernel
+            # with the re-weighted output gradient (no im2col)
+            if isinstance(layer, QConv2d):
+                xp, padding = _conv_input_and_padding(layer, x.to(cd.dtype))
+                out[layer.weight] = torch.nn.grad.conv2d_weight(xp, layer.weight.shape, cd, layer.stride, padding,
+                                                                layer.dilation, layer.groups)
+            else:
+                a, d = gemm_operands(layer, x, cd)
+                out[layer.weight] = torch.einsum("bgtp,bgtd->gpd", d, a).reshape(layer.weight.shape)
         if layer.bias is not None and layer.bias.requires_grad:
             out[layer.bias] = _bias_per_sample(layer, cd).sum(0)
         return out
@@ -214,6 +251,10 @@ def layer_ops(module: nn.Module) -> ClipOps:
             "a layer with a registered per-sample gradient (QLinear, QConv2d, or any module Opacus has a grad "
             "sampler for, e.g. GroupNorm); convert the model with dpquant_sim.nn.convert_model")
     return SamplerClipOps(sampler)
+
+
+def _dims(layer, x, dy) -> tuple[int, int, int]:
+    return shape_dims(layer, tuple(x.shape), tuple(dy.shape))
 
 
 def shape_dims(layer: nn.Module, x_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> tuple[int, int, int]:

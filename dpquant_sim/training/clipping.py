@@ -164,20 +164,36 @@ class Hooks(ClippingAlgorithm):
 
 
 class _Recorder:
-    """Forward and full-backward hooks on every module with trainable parameters of its own: keep each one's
-    input and output gradient (for a quantized Q layer: q(x) and q(dy), the operands its GEMMs used)."""
+    """Forward and full-backward hooks on every module with trainable parameters of its own. In the backward
+    hook each layer's squared per-sample gradient norms are added up at once from its input and output gradient
+    (for a quantized Q layer: q(x) and q(dy), the operands its GEMMs used); the operands are kept only where
+    ``keep(module)`` says so (book-keeping keeps all for the weighted GEMMs; ghost only quantized layers' q(dy)
+    for its replay), so transient buffers live one layer at a time."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, algorithm: str):
+        self.algorithm = algorithm
         self.layers = [m for m in model.modules()
                        if any(p.requires_grad for p in m.parameters(recurse=False))]
         self.ops = {m: layer_ops(m) for m in self.layers}  # refuses a module type with no per-sample rule
         self.acts: dict[nn.Module, torch.Tensor] = {}
         self.grads: dict[nn.Module, torch.Tensor] = {}
+        self.sq: torch.Tensor | None = None
+        self.masks: Masks = None
+        self.keep: Callable[[nn.Module], bool] = lambda m: True
         self.active = False
         self.handles = []
         for m in self.layers:
             self.handles.append(m.register_forward_hook(self._forward))
             self.handles.append(m.register_full_backward_hook(self._backward))
+
+    def start(self, masks: Masks, keep: Callable[[nn.Module], bool]) -> None:
+        self.clear()
+        self.masks, self.keep, self.active = masks, keep, True
+
+    def method(self, module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> str:
+        if not isinstance(module, (QLinear, QConv2d)):
+            return "materialize"
+        return norm_method(*shape_dims(module, tuple(x.shape), tuple(dy.shape)), algorithm=self.algorithm)
 
     def _forward(self, module, args, output) -> None:
         if not self.active:
@@ -188,12 +204,24 @@ class _Recorder:
         self.acts[module] = args[0].detach()
 
     def _backward(self, module, grad_input, grad_output) -> None:
-        if self.active and grad_output[0] is not None:
-            self.grads[module] = grad_output[0].detach()
+        if not self.active or grad_output[0] is None:
+            return
+        x, dy = self.acts[module], grad_output[0].detach()
+        s = self.ops[module].sq_norms(module, x, dy, self.method(module, x, dy), self.masks)
+        self.sq = s if self.sq is None else self.sq + s
+        if self.keep(module):
+            self.grads[module] = dy
+        else:
+            del self.acts[module]
+
+    def clip_factors(self, max_grad_norm: float) -> torch.Tensor:
+        assert self.sq is not None, "no layer with trainable parameters was reached by the backward pass"
+        return (max_grad_norm / (self.sq.clamp_min(0).sqrt() + CLIP_EPS)).clamp(max=1.0)
 
     def clear(self) -> None:
         self.acts.clear()
         self.grads.clear()
+        self.sq = None
 
     def close(self) -> None:
         for h in self.handles:
@@ -213,38 +241,21 @@ class _Summed(ClippingAlgorithm):
         self.optimizer = SummedDPOptimizer(base_optimizer, noise_multiplier=noise_multiplier,
                                            max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
                                            generator=generator, secure_mode=secure_mode)
-        self.rec = _Recorder(model)
+        self.rec = _Recorder(model, self.name)
 
-    # -- pieces
-    def _record(self, x: torch.Tensor, y: torch.Tensor, *, retain_graph: bool) -> torch.Tensor:
+    def _record(self, x: torch.Tensor, y: torch.Tensor, masks: Masks, keep, *, retain_graph: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, then one backward pass that computes output gradients only (no parameter gradients: it
-        asks for the gradient of the input); the recorder keeps every layer's operands. Returns the per-example
-        losses (graph kept if ``retain_graph``)."""
-        self.rec.clear()
-        self.rec.active = True
+        asks for the gradient of the input) while the recorder adds up per-sample norms. Returns the
+        per-example losses (graph kept if ``retain_graph``) and the clip factors."""
+        self.rec.start(masks, keep)
         try:
             x = x.detach().requires_grad_(True)
             losses = per_example_loss(self.model(x), y)
             torch.autograd.grad(losses.sum(), x, retain_graph=retain_graph)
         finally:
             self.rec.active = False
-        return losses
-
-    def _method(self, module: nn.Module) -> str:
-        if not isinstance(module, (QLinear, QConv2d)):
-            return "materialize"
-        T, d, p = shape_dims(module, tuple(self.rec.acts[module].shape), tuple(self.rec.grads[module].shape))
-        return norm_method(T, d, p, algorithm=self.name)
-
-    def _clip_factors(self, masks: Masks) -> torch.Tensor:
-        sq = None
-        for m in self.rec.layers:
-            if m not in self.rec.grads:  # a layer the loss does not reach: zero gradient
-                continue
-            s = self.rec.ops[m].sq_norms(m, self.rec.acts[m], self.rec.grads[m], self._method(m), masks)
-            sq = s if sq is None else sq + s
-        assert sq is not None, "no layer with trainable parameters was reached by the backward pass"
-        return (self.max_grad_norm / (sq.clamp_min(0).sqrt() + CLIP_EPS)).clamp(max=1.0)
+        return losses, self.rec.clip_factors(self.max_grad_norm)
 
     def _finish(self, summed: dict[nn.Parameter, torch.Tensor], masks: Masks) -> None:
         opt = self.optimizer
@@ -252,10 +263,6 @@ class _Summed(ClippingAlgorithm):
         opt.set_summed(summed)
         opt.step()
         opt.zero_grad(set_to_none=True)
-
-    @contextlib.contextmanager
-    def paused(self):
-        yield  # the recorder only records inside step()
 
     def close(self) -> None:
         self.rec.close()
@@ -276,9 +283,8 @@ class BookKeeping(_Summed):
         summed: dict[nn.Parameter, torch.Tensor] = {}
         total = 0.0
         for x, y in chunks:
-            losses = self._record(x, y, retain_graph=False)
+            losses, c = self._record(x, y, masks, keep=lambda m: True, retain_graph=False)
             total += float(losses.detach().sum())
-            c = self._clip_factors(masks)
             for m in self.rec.layers:
                 if m in self.rec.grads:
                     _add(summed, self.rec.ops[m].weighted_sum(m, self.rec.acts[m], self.rec.grads[m], c))
@@ -290,6 +296,10 @@ class BookKeeping(_Summed):
 @register_clipping("mixed")
 class MixedBookKeeping(BookKeeping):
     """Book-keeping with, per layer, the cheaper norm method (``clipping_rules.norm_method``)."""
+
+
+def _replays(m: nn.Module) -> bool:
+    return isinstance(m, (QLinear, QConv2d)) and m.is_quantized
 
 
 @register_clipping("ghost")
@@ -305,12 +315,11 @@ class Ghost(_Summed):
         total = 0.0
         params = [p for p in self.model.parameters() if p.requires_grad]
         for x, y in chunks:
-            losses = self._record(x, y, retain_graph=True)
+            losses, c = self._record(x, y, masks, keep=_replays, retain_graph=True)
             total += float(losses.detach().sum())
-            c = self._clip_factors(masks)
             replayed = []
             for m in self.rec.layers:
-                if isinstance(m, (QLinear, QConv2d)) and m.is_quantized and m in self.rec.grads:
+                if _replays(m) and m in self.rec.grads:
                     g = self.rec.grads[m]
                     m._replay_grad = g * c.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
                     replayed.append(m)

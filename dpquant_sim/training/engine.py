@@ -467,6 +467,8 @@ class _Run:
             "accountant": self.cfg.accountant if self.cfg.private else None, "delta": self.cfg.delta,
             "secret_randomness": self._randomness_note() if self.cfg.private else None,
             "train_loss_released": self.releases_train_loss,
+            "clipping": self.cfg.clipping if self.cfg.private else None,
+            "quantizer_backend": _quantizer_backend(),
             "target_epsilon": self.cfg.epsilon if self.cfg.private else None,
             "planned_mechanisms": [[m.name, m.noise_multiplier, m.sample_rate, m.steps] for m in
                                    _planned_sequence(self.schedule, self.cfg.epochs, 0, self.sigma, self.q, self.spe)
@@ -478,6 +480,13 @@ class _Run:
                  "out_shape": list(s.out_shape)} for s in self.layer_shapes],
             "dataset_info": d.info or {},
         }
+
+
+def _quantizer_backend() -> str:
+    from dpquant_sim.numerics.quantize import AUTO_COMPILE_MIN_NUMEL, default_backend
+
+    b = default_backend()
+    return f"auto (compiled for tensors of >= {AUTO_COMPILE_MIN_NUMEL} elements, eager below)" if b == "auto" else b
 
 
 def make_base(cfg: TrainConfig, model: nn.Module):
