@@ -46,7 +46,7 @@ def main() -> None:
     worst = 0.0
     for i, h, b in idx:
         sc = step_cost(shapes, plans[i], profs[h], batch=batches[b])
-        worst = max(worst, abs(sc.roofline_s / res.roofline_s[i, h, b] - 1))
+        worst = max(worst, abs(sc.roofline_s / res.roofline_s[i, h, b, 0] - 1))
     t_sca = time.perf_counter() - t0
     v, s = n_vec / t_vec, len(idx) / t_sca
     print(f"vectorized sweep: {n_vec} points ({len(plans)} plans x {len(profs)} profiles x {len(batches)} batches) "

@@ -32,6 +32,7 @@ def test_hw_list_show_validate(capsys, tmp_path):
     assert code == 0 and "fallback" in out and "https://" in out
     code, out, _ = _cli(capsys, "hw", "show", "b300", "--json")
     assert code == 0 and json.loads(out)["peaks"]["int8"]["slower_than_fallback"] is True
+    assert "-> fp8" in _cli(capsys, "hw", "list")[1]  # precision fallbacks are shown (H100 fp4 runs as fp8)
     code, _, err = _cli(capsys, "hw", "show", "nope")
     assert code == 2 and "hw='nope'" in err
     bad = tmp_path / "bad_chip.yaml"
@@ -111,7 +112,9 @@ def test_cost_cli_run(capsys, tmp_path):
     _fake_run(tmp_path, kind="random")
     code, out, _ = _cli(capsys, "cost", "--run", str(tmp_path), "--hw", "b200", "--json")
     assert code == 0
-    rows = json.loads(out)
+    res = json.loads(out)  # the same shape as `cost --json`: plan(s) and results
+    rows = res["results"]
     assert len(rows) == 3 and rows[0]["estimator_theoretical_s"] == 0.0
+    assert len(res["plans"]) == 3 and res["plans"][2]["quantized"]
     code, _, err = _cli(capsys, "cost", "--run", str(tmp_path / "missing"))
     assert code == 2 and "run=" in err

@@ -94,7 +94,7 @@ def test_unknown_key(tmp_path):
     d = _h100()
     d["peaks"]["fp8"]["speed"] = 3
     msg = _err(tmp_path, d)
-    assert "peaks.fp8.speed: unknown key" in msg and "value, unit, dense, source" in msg
+    assert "peaks.fp8.speed: unknown key" in msg and "value, unit, vendor_value, vendor_sparse, source, provenance" in msg
 
 
 def test_unknown_top_level_key(tmp_path):
@@ -144,6 +144,7 @@ def test_bandwidth_too_low_for_the_compute(tmp_path):
 
 def test_fp8_slower_than_bf16_needs_a_declaration(tmp_path):
     d = _h100()
+    d["peaks"]["fp8"] = {k: v for k, v in d["peaks"]["fp8"].items() if not k.startswith("vendor_")}
     d["peaks"]["fp8"]["value"] = 500
     msg = _err(tmp_path, d)
     assert "peaks.fp8.value: 500" in msg and "slower than bf16" in msg and "slower_than_fallback: true" in msg
