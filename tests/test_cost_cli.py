@@ -118,3 +118,76 @@ def test_cost_cli_run(capsys, tmp_path):
     assert len(res["plans"]) == 3 and res["plans"][2]["quantized"]
     code, _, err = _cli(capsys, "cost", "--run", str(tmp_path / "missing"))
     assert code == 2 and "run=" in err
+
+
+# ------------------------------------------------------------------------------------- start-up import graph
+_PROBE = """
+import sys
+from dpquant_sim.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    assert e.code in (0, None), e.code
+print("LOADED", *sorted(m for m in ("torch", "opacus", "pandas", "scipy", "plotly") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["hw", "list"], ["hw", "show", "h200"], ["cost", "--help"],
+                                  ["hw", "validate", "hw_profiles"]])
+def test_startup_commands_do_not_import_torch(argv):
+    """`dpquant-sim --help` and `hw list` read profiles and print help without torch or opacus (seconds of
+    start-up): checked on the import graph in a fresh interpreter, not with a timer."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, cwd=root, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    loaded = r.stdout.strip().splitlines()[-1].split()[1:]
+    assert "torch" not in loaded and "opacus" not in loaded, loaded
+
+
+def test_train_help_still_lists_the_registries(capsys):
+    from dpquant_sim.nn.config import RECIPES
+
+    code, out, _ = _cli(capsys, "train", "--help")
+    assert code == 0 and "{recipes}" not in out and "{kinds}" not in out
+    assert all(r in out.replace("\n", " ").replace("│", " ") for r in list(RECIPES)[:3])
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "resnet18", "--input", "3x32"], "--input=(3, 32) is not allowed; expected CxHxW with H == W"),
+    (["--model", "cnn", "--input", "64"], "--input=(64,) is not allowed"),
+    (["--model", "resnet18", "--input", "3x32x16"], "H == W"),
+    (["--model", "nope", "--input", "3x32x32"], "model='nope'"),
+    (["--model", "mlp", "--input", "64", "--devices", "2", "--hw", "jetson_agx_orin"], "at most 1 on jetson_agx_orin"),
+    (["--model", "mlp", "--input", "64", "--devices", "0"], "--devices='0'"),
+    (["--model", "mlp", "--input", "64", "--allreduce", "star"], "--allreduce='star'"),
+])
+def test_cost_shape_and_device_errors_are_one_line(capsys, argv, needle):
+    code, out, err = _cli(capsys, "cost", *argv)
+    assert code == 2 and needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cost_mlp_with_a_feature_count_works_as_advertised(capsys):
+    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "64", "--hw", "h100_sxm", "--json")
+    assert code == 0
+    res = json.loads(out)["results"][0]
+    assert res["gemm_flops"] == pytest.approx(2 * 256 * (64 * 256 + 256 * 128 + 128 * 10) * 3 - 2 * 256 * 64 * 256)
+
+
+def test_cost_devices_table_has_bands_fallbacks_and_dollars(capsys):
+    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "64", "--hw", "h100_sxm,a100_sxm,jetson_agx_orin",
+                        "--devices", "1,8", "--format", "fp4", "--json")
+    assert code == 0
+    res = json.loads(out)
+    rows = {(r["hw"], r["devices"]): r for r in res["results"]}
+    assert set(rows) == {("h100_sxm", 1), ("h100_sxm", 8), ("a100_sxm", 1), ("a100_sxm", 8), ("jetson_agx_orin", 1)}
+    assert res["skipped"] == ["jetson_agx_orin x8"]
+    h = rows[("h100_sxm", 8)]
+    assert h["fallbacks"] == {"fp4": "fp8"} and h["dollars"] > 0 and h["allreduce_s"] > 0
+    assert h["roofline_low_s"] < h["roofline_s"] < h["roofline_high_s"] and h["band_basis"] == "transferred"
+    assert rows[("a100_sxm", 1)]["fallbacks"] == {"fp4": "bf16"}
+    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "64", "--hw", "h100_sxm", "--devices", "1,8")
+    assert code == 0 and "roof band" in out and "runs as" in out and "fp4" not in out  # default fp8 runs natively

@@ -5,7 +5,8 @@ tm x tn elements. Each of the device's ``units`` compute units (SMs, CUs, MXUs, 
 time, so the tiles run in ``waves = ceil(tiles / units)`` rounds: a GEMM with 132 tiles on 132 SMs takes as
 long as one with 1 tile per SM, one with 133 tiles takes twice as long (wave quantization). K is padded to
 the instruction depth ``tk`` (tile quantization along K). When one wave is not full, the kernel may split K
-over ``s`` units per tile (split-K) and pay for writing and re-reading the fp32 partial sums.
+over ``s`` units per tile (split-K, at most as many splits as free units and K slices of ``tk``) and pay for
+writing and re-reading the fp32 partial sums and a pipeline fill per slice; so more work is never faster.
 
 Per tile and unit the time is 2 * tm * tn * (K/s + k_fill) / (peak * eff / units) * (I_ref / I)^gamma:
 ``eff`` is the sustained fraction of the datasheet peak a well-tuned kernel reaches on the family's largest
@@ -36,15 +37,11 @@ from dpquant_sim.errors import ConfigError
 
 @dataclass(frozen=True)
 class TileFamily:
-    """Candidate output tiles (tm, tn) and the K instruction depth ``tk`` of one kind of matrix engine.
-
-    ``split_k_min``: smallest K slice per split (a split-K kernel does not slice K thinner than this).
-    """
+    """Candidate output tiles (tm, tn) and the K instruction depth ``tk`` of one kind of matrix engine."""
 
     name: str
     tiles: tuple[tuple[int, int], ...]
     tk: int
-    split_k_min: int
     source: str
     note: str = ""
 
@@ -60,26 +57,26 @@ def register_tile_family(fam: TileFamily) -> TileFamily:
 
 register_tile_family(TileFamily(
     "nvidia-tensor-core", ((128, 256), (256, 128), (128, 128), (128, 64), (64, 128), (64, 64)), tk=64,
-    split_k_min=256, source="https://github.com/NVIDIA/cutlass/blob/main/media/docs/cpp/efficient_gemm.md",
+    source="https://github.com/NVIDIA/cutlass/blob/main/media/docs/cpp/efficient_gemm.md",
     note="CUTLASS/cuBLAS threadblock tiles of Ampere/Hopper/Blackwell tensor-core GEMMs"))
 register_tile_family(TileFamily(
-    "nvidia-simt", ((128, 128), (128, 64), (64, 128), (64, 64)), tk=8, split_k_min=256,
+    "nvidia-simt", ((128, 128), (128, 64), (64, 128), (64, 64)), tk=8,
     source="https://github.com/NVIDIA/cutlass/blob/main/media/docs/cpp/efficient_gemm.md",
     note="CUDA-core (non-tensor) SGEMM threadblock tiles"))
 register_tile_family(TileFamily(
-    "amd-mfma", ((256, 256), (256, 128), (128, 256), (128, 128), (128, 64), (64, 128)), tk=64, split_k_min=256,
+    "amd-mfma", ((256, 256), (256, 128), (128, 256), (128, 128), (128, 64), (64, 128)), tk=64,
     source="https://rocm.docs.amd.com/projects/hipBLASLt/en/latest/",
     note="hipBLASLt macro tiles on CDNA matrix cores (typical sizes; not a vendor table)"))
 register_tile_family(TileFamily(
-    "tpu-mxu-128", ((128, 128),), tk=128, split_k_min=512,
+    "tpu-mxu-128", ((128, 128),), tk=128,
     source="https://docs.cloud.google.com/tpu/docs/system-architecture-tpu-vm",
     note="128x128 systolic MXU: K and N are padded to multiples of 128"))
 register_tile_family(TileFamily(
-    "tpu-mxu-256", ((256, 256),), tk=256, split_k_min=512,
+    "tpu-mxu-256", ((256, 256),), tk=256,
     source="https://docs.cloud.google.com/tpu/docs/v6e",
     note="256x256 systolic MXU (Trillium and later)"))
 register_tile_family(TileFamily(
-    "gaudi-mme", ((256, 256), (256, 128), (128, 256)), tk=128, split_k_min=512,
+    "gaudi-mme", ((256, 256), (256, 128), (128, 256)), tk=128,
     source="https://www.sgpjbg.com/baogao/465025.html",
     note="Gaudi 3 MME: a configurable 256x256 MAC array (Hot Chips 2024 deck, Intel)"))
 
@@ -136,8 +133,7 @@ def kernel_seconds(m, k, n, batch, nbytes, *, rate, units, family: TileFamily | 
     safe_units = np.where(units > 0, units, 1.0)
     per_unit = rate / safe_units
     s_max = np.where(ntiles < safe_units,
-                     np.maximum(1.0, np.minimum(np.floor(safe_units / ntiles), np.floor(kp / family.split_k_min))),
-                     1.0)
+                     np.maximum(1.0, np.minimum(np.floor(safe_units / ntiles), kp / family.tk)), 1.0)
     best = None
     for s in (np.ones_like(s_max), s_max):
         waves = _ceil_div(ntiles * s, safe_units)

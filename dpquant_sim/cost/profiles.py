@@ -72,7 +72,23 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class Peak(_Model):
+class _Sourced(_Model):
+    """Where a figure comes from. A vendor figure (``vendor``/``vendor_copy``) must name its page or table."""
+
+    source: str = Field(min_length=4)
+    provenance: Provenance
+    page: str = ""
+    note: str = ""
+    uncertain: bool = False
+
+    @model_validator(mode="after")
+    def _vendor_page(self):
+        if self.provenance in VENDOR_PROVENANCE and not self.page:
+            raise ValueError(f"page: required with provenance {self.provenance!r} (the page or table of the source)")
+        return self
+
+
+class Peak(_Sourced):
     """Dense peak of one precision (``value``), with the vendor's own figure when it differs.
 
     ``vendor_value``: the figure as printed by the vendor; ``vendor_sparse: true`` when it includes 2:4
@@ -83,11 +99,6 @@ class Peak(_Model):
     unit: Literal["TFLOP/s", "TOP/s"]
     vendor_value: float | None = Field(default=None, gt=0)
     vendor_sparse: bool = False
-    source: str = Field(min_length=4)
-    provenance: Provenance
-    page: str = ""
-    note: str = ""
-    uncertain: bool = False
     slower_than_fallback: bool = False  # declared: the vendor really rates this narrower format below a wider one
     faster_than_2x: bool = False  # declared: more than 2x the next wider precision (see MAX_STEP_RATIO)
 
@@ -114,8 +125,6 @@ class Peak(_Model):
                                      f"sparse figure stored as dense; expected value {want:g} (vendor_value / 2)")
                 raise ValueError(f"value {self.value:g} does not match vendor_value {self.vendor_value:g} "
                                  f"(vendor_sparse: {str(self.vendor_sparse).lower()}); expected {want:g}")
-        if self.provenance in VENDOR_PROVENANCE and not self.page:
-            raise ValueError(f"page: required with provenance {self.provenance!r} (the page or table of the source)")
         return self
 
     @property
@@ -155,28 +164,18 @@ class Peaks(_Model):
     int4: PeakEntry
 
 
-class _Quantity(_Model):
+class _Quantity(_Sourced):
     value: float = Field(gt=0)
-    source: str = Field(min_length=4)
-    provenance: Provenance
-    page: str = ""
-    note: str = ""
-    uncertain: bool = False
 
     @property
     def si(self) -> float:
         return self.value * _UNIT_SCALE[self.unit]  # type: ignore[attr-defined]
 
 
-class _OptionalQuantity(_Model):
+class _OptionalQuantity(_Sourced):
     """A figure that may be unpublished: ``value: null`` with a note saying so."""
 
     value: float | None = Field(gt=0)
-    source: str = Field(min_length=4)
-    provenance: Provenance
-    page: str = ""
-    note: str = ""
-    uncertain: bool = False
 
     @property
     def si(self) -> float | None:
@@ -210,12 +209,8 @@ class Power(_OptionalQuantity):
     unit: Literal["W"]
 
 
-class Fraction(_Model):
+class Fraction(_Sourced):
     value: float = Field(gt=0, le=1)
-    source: str = Field(min_length=4)
-    provenance: Provenance
-    note: str = ""
-    uncertain: bool = False
 
 
 class Efficiency(_Model):
@@ -235,21 +230,12 @@ class Price(_Quantity):
     offer: str = Field(min_length=3)  # instance type, region, and how the per-device figure was derived
 
 
-class Count(_Model):
+class Count(_Sourced):
     value: int = Field(gt=0)
-    source: str = Field(min_length=4)
-    provenance: Provenance
-    page: str = ""
-    note: str = ""
-    uncertain: bool = False
 
 
-class Scalar(_Model):
+class Scalar(_Sourced):
     value: float = Field(ge=0)
-    source: str = Field(min_length=4)
-    provenance: Provenance
-    note: str = ""
-    uncertain: bool = False
 
 
 class ErrorBand(_Model):
@@ -312,13 +298,11 @@ class Interconnect(_Model):
         return max(self.scale_up.devices, self.scale_out.devices if self.scale_out else 1)
 
 
-class PowerMode(_Model):
+class PowerMode(_Sourced):
     name: str
     tdp_w: float = Field(gt=0)
     gpu_int8_sparse_tops: float | None = Field(default=None, gt=0)
     dla_int8_sparse_tops: float | None = Field(default=None, gt=0)
-    source: str = Field(min_length=4)
-    provenance: Provenance
 
 
 class HardwareProfile(_Model):
