@@ -79,3 +79,26 @@ def test_stored_h200_fit_and_generic_constants_reproduce():
     assert GENERIC.overlap == pytest.approx(g.full_fit.overlap, abs=1e-3)
     assert GENERIC.k_fill == pytest.approx(g.full_fit.k_fill, abs=0.1)
     assert (GENERIC.band_low, GENERIC.band_high) == pytest.approx(g.band, abs=1e-3)
+
+
+def test_measured_table_overrides_the_model_for_exactly_those_gemms():
+    import torch.nn as tnn
+
+    from dpquant_sim.cost.flops import gemm_layer_ops
+    from dpquant_sim.cost.model import gemm_kernel_s
+    from dpquant_sim.cost.sweep import sweep
+    from dpquant_sim.nn.shapes import trace_layers
+
+    h200 = get_profile("h200")
+    meas = pd.read_csv(H200_CSV).set_index(["shape", "precision"])["seconds"]
+    floor = h200.kernel.measured.call_floor_us["matmul"] * 1e-6
+    (s,) = trace_layers(tnn.Sequential(tnn.Linear(4096, 4096, bias=False)), (4096,))
+    fwd = [o for o in gemm_layer_ops(s, 256, None, base="bf16") if o.op == "fwd"][0]
+    assert fwd.dims == (256.0, 4096.0, 4096.0, 1.0)  # the measured "linear-b256" shape
+    assert gemm_kernel_s(fwd, h200) == pytest.approx(meas[("linear-b256", "bf16")] - floor)
+    other = [o for o in gemm_layer_ops(s, 128, None, base="bf16") if o.op == "fwd"][0]
+    assert h200.measured_gemm_s(*other.dims, "bf16") is None  # any other shape: the model
+    res = sweep([s], [{}], [h200], [256])
+    from dpquant_sim.cost.model import step_cost
+
+    assert res.roofline_s[0, 0, 0, 0] == pytest.approx(step_cost([s], None, h200, batch=256).roofline_s, rel=1e-12)

@@ -85,7 +85,10 @@ def hw_show(
     for key, q in p.figures():
         if key.startswith("peaks."):
             continue
-        val = "n/p" if getattr(q, "value", None) is None else f"{q.value:g} {getattr(q, 'unit', '')}".strip()
+        if hasattr(q, "file"):
+            val = q.file
+        else:
+            val = "n/p" if getattr(q, "value", None) is None else f"{q.value:g} {getattr(q, 'unit', '')}".strip()
         extra = f"as of {q.as_of}; {q.offer}" if key == "price_per_hour" else ""
         t2.add_row(key, val, q.provenance, "yes" if q.uncertain else "",
                    "\n".join(x for x in (q.source, getattr(q, "page", ""), extra, q.note) if x))

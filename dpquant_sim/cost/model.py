@@ -58,6 +58,9 @@ def gemm_kernel_s(op: Op, profile: HardwareProfile) -> float:
     if op.dims is None or profile.kernel is None:  # untiled: the classic roofline max
         return float(max(op.flops / rate, op.bytes / bw))
     m, k, n, b = op.dims
+    measured = profile.measured_gemm_s(m, k, n, b, run)
+    if measured is not None:  # a measured table overrides the model for exactly this GEMM
+        return measured
     k_fill, overlap = profile.kernel_constants
     return float(kernel_seconds(m, k, n, b, op.bytes, rate=rate, units=profile.kernel.compute_units.value,
                                 family=get_tile_family(profile.kernel.tiles_for(run)), k_fill=k_fill,

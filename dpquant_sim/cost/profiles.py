@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
 
 from dpquant_sim.errors import ConfigError, ProfileError
 
@@ -248,6 +248,18 @@ class ErrorBand(_Model):
     note: str = ""
 
 
+class MeasuredGemms(_Sourced):
+    """Measured GEMM times that override the kernel model for exactly these (M, K, N, batch, precision).
+
+    ``file``: CSV next to the profile (columns m, k, n, precision, seconds; optional batch, api and
+    seconds_queued = per call with calls queued back to back). Single-call ``seconds`` include the harness's
+    call floor, which is subtracted (``call_floor_us`` per API, fitted with the kernel model).
+    """
+
+    file: str
+    call_floor_us: dict[str, float]
+
+
 class Kernel(_Model):
     """What the GEMM kernel model (dpquant_sim.cost.gemm) needs: compute units, tile families, and the
     parameters fitted on measurements (absent: efficiency.gemm for every precision and the generic fit)."""
@@ -259,6 +271,7 @@ class Kernel(_Model):
     k_fill: Scalar | None = None
     overlap: Scalar | None = None
     error_band: ErrorBand | None = None
+    measured: MeasuredGemms | None = None
 
     @model_validator(mode="after")
     def _families_known(self) -> "Kernel":
@@ -325,6 +338,8 @@ class HardwareProfile(_Model):
     interconnect: Interconnect | None = None
     power_modes: tuple[PowerMode, ...] = ()
     notes: str = ""
+    _folder: Path | None = PrivateAttr(default=None)  # where the YAML file was read (for kernel.measured.file)
+    _measured: dict | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check(self) -> "HardwareProfile":
@@ -420,6 +435,14 @@ class HardwareProfile(_Model):
         if self.kernel is not None and run in self.kernel.efficiency:
             return self.kernel.efficiency[run].value
         return self.efficiency.gemm.value
+
+    def measured_gemm_s(self, m: float, k: float, n: float, batch: float, prec: str) -> float | None:
+        """Measured kernel seconds of this exact GEMM in ``prec`` (after fallbacks), or None."""
+        if self.kernel is None or self.kernel.measured is None:
+            return None
+        if self._measured is None:
+            self._measured = _read_measured(self.kernel.measured, self._folder or shipped_dir())
+        return self._measured.get((float(m), float(k), float(n), float(batch), self.resolve(prec)))
 
     @property
     def kernel_constants(self) -> tuple[float, float]:
@@ -565,6 +588,31 @@ def _format_error(err: dict) -> str:
     return f"{key}: {err['msg']} (got {err.get('input')!r})"
 
 
+def _read_measured(meas: MeasuredGemms, folder: Path) -> dict:
+    """{(m, k, n, batch, precision): kernel seconds} from a measured CSV (torch-free: the csv module)."""
+    import csv
+
+    from dpquant_sim.cost.calibrate import HARNESS
+
+    path = folder / meas.file
+    try:
+        rows = list(csv.DictReader(path.open(encoding="utf-8")))
+    except OSError as e:
+        raise ProfileError(f"kernel.measured.file: cannot read {path} ({e.strerror})") from None
+    out = {}
+    for r in rows:
+        if not r.get("seconds") or r.get("precision") not in HARNESS:
+            continue
+        batch = float(r.get("batch") or 1)
+        if r.get("seconds_queued"):
+            t = float(r["seconds_queued"])
+        else:
+            api = r.get("api") or HARNESS[r["precision"]][0]
+            t = float(r["seconds"]) - meas.call_floor_us.get(api, 0.0) * 1e-6
+        out[(float(r["m"]), float(r["k"]), float(r["n"]), batch, r["precision"])] = max(t, 0.0)
+    return out
+
+
 def parse_profile(data: Any, path: str | Path = "<memory>") -> HardwareProfile:
     """Validate a parsed YAML mapping; raise ProfileError naming ``path``, the key(s) and what is allowed."""
     path = Path(path)
@@ -579,6 +627,8 @@ def parse_profile(data: Any, path: str | Path = "<memory>") -> HardwareProfile:
     if path.suffix in (".yaml", ".yml") and prof.name != path.stem:
         raise ProfileError(f"hardware profile {path} is invalid:\n  name: {prof.name!r} must equal the file name "
                            f"stem {path.stem!r}")
+    if path.suffix in (".yaml", ".yml"):
+        prof._folder = path.parent
     return prof
 
 

@@ -154,6 +154,11 @@ def _op_times(ops: _Ops, profiles: Sequence[HardwareProfile]) -> tuple[np.ndarra
                                               rate=rate[ops.cls[sel]], units=p.kernel.compute_units.value,
                                               family=get_tile_family(fam), k_fill=k_fill, overlap=overlap,
                                               bandwidth=bw)
+            if p.kernel.measured is not None:  # measured tables override the model for exactly those GEMMs
+                for i in gi:
+                    t = p.measured_gemm_s(*ops.dims[i], PRECISIONS[ops.cls[i]])
+                    if t is not None:
+                        roof[h, i] = t
         roof[h] += p.launch_s * ops.launches
         theo[h] = np.where(ops.theo, theo[h], 0.0)
     return roof, theo
