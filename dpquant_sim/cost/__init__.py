@@ -21,10 +21,12 @@ _EXPORTS: dict[str, str] = {
     "PRECISIONS": "profiles", "HardwareProfile": "profiles", "get_profile": "profiles",
     "load_profile_file": "profiles", "load_profiles": "profiles", "parse_profile": "profiles",
     "build_shapes": "run", "cost_run": "run",
-    "SweepResult": "sweep", "sweep": "sweep",
 }
 
-__all__ = sorted(_EXPORTS)
+# Eager: "sweep" is both a submodule and a function; importing it here binds the function for good (numpy only).
+from dpquant_sim.cost.sweep import SweepResult, sweep  # noqa: E402
+
+__all__ = sorted([*_EXPORTS, "SweepResult", "sweep"])
 
 
 def __getattr__(name: str) -> Any:

@@ -333,6 +333,7 @@ def memory_bytes(shapes: Sequence[LayerShape], plan: Any = None, *, batch: int, 
         elif s.kind not in FREE_KINDS:
             acts += batch * (s.out_numel if "relu" in s.kind or "pool" in s.kind else s.in_numel) * fb
     opt = {"sgd": 0, "momentum": 1, "adam": 2}[optimizer] * 4.0 * P
-    psg = sum(get_clip_cost(clipping).held_bytes(s, batch) for s in shapes) if dp else 0.0
+    held = get_clip_cost(clipping).held_bytes
+    psg = sum(held(s, batch) for s in shapes) if dp else 0.0
     total = weights + 4.0 * P + opt + acts + psg
     return MemoryFit(weights, 4.0 * P, opt, acts, psg, total, capacity)

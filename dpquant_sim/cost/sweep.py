@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import pandas as pd
 
 from dpquant_sim.cost.comm import allreduce_s
 from dpquant_sim.cost.flops import (
@@ -33,7 +32,9 @@ from dpquant_sim.cost.gemm import get_tile_family, kernel_seconds
 from dpquant_sim.cost.profiles import PRECISIONS, HardwareProfile
 from dpquant_sim.errors import ConfigError
 
-if TYPE_CHECKING:  # torch-free at import
+if TYPE_CHECKING:  # torch- and pandas-free at import
+    import pandas as pd
+
     from dpquant_sim.nn.shapes import LayerShape
 
 _CLASSES = (*PRECISIONS, "vector")
@@ -64,6 +65,8 @@ class SweepResult:
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy table: one row per (plan index, profile, batch, devices)."""
+        import pandas as pd
+
         P, H, B, D = self.roofline_s.shape
         pi, hi, bi, di = np.meshgrid(np.arange(P), np.arange(H), np.arange(B), np.arange(D), indexing="ij")
         return pd.DataFrame({
@@ -263,6 +266,7 @@ def device_frontier(df: pd.DataFrame, *, time: str = "roofline_s", cost: str = "
     """Mark the Pareto-optimal rows of (time per step, cost per step) over every (hw, devices) option, per plan
     and batch: no other option is both faster and cheaper. Adds a boolean ``pareto`` column.
 
+    >>> import pandas as pd
     >>> d = pd.DataFrame({"plan": 0, "batch": 256, "hw": ["a", "a", "b"], "devices": [1, 8, 1],
     ...                   "roofline_s": [8.0, 1.2, 4.0], "dollars": [1.0, 1.5, 2.0]})
     >>> device_frontier(d)["pareto"].tolist()
