@@ -191,3 +191,23 @@ def test_cost_devices_table_has_bands_fallbacks_and_dollars(capsys):
     assert rows[("a100_sxm", 1)]["fallbacks"] == {"fp4": "bf16"}
     code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "64", "--hw", "h100_sxm", "--devices", "1,8")
     assert code == 0 and "roof band" in out and "runs as" in out and "fp4" not in out  # default fp8 runs natively
+
+
+def test_sweep_device_axis_collect_and_report_notes(tmp_path):
+    from dpquant_sim.analysis.report import accelerator_notes
+    from dpquant_sim.errors import ConfigError
+    from dpquant_sim.sweep.collect import run_table
+    from dpquant_sim.sweep.config import SweepConfig
+
+    assert SweepConfig.model_validate({"devices": [1, 8, 8]}).devices == [1, 8]
+    with pytest.raises(ConfigError, match="devices"):
+        SweepConfig.from_dict({"devices": [0]})
+    _fake_run(tmp_path, kind="random")
+    t = run_table(tmp_path, [get_profile("h100_sxm"), get_profile("jetson_agx_orin")], devices=(1, 8))
+    # 3 epochs x (h100 x1, h100 x8, jetson x1): jetson has no interconnect, so no x8 row
+    assert sorted(t["accelerator"].unique()) == ["h100_sxm", "h100_sxm x8", "jetson_agx_orin"]
+    assert len(t) == 9 and set(t["devices"]) == {1, 8}
+    notes = accelerator_notes(t).set_index("accelerator")
+    assert notes.loc["h100_sxm", "runs as"] == "fp4->fp8" and notes.loc["h100_sxm", "band from"] == "transferred"
+    assert notes.loc["jetson_agx_orin", "runs as"] == "fp4->fp16, fp8->fp16"
+    assert notes.loc["jetson_agx_orin", "band from"] == "generic"
