@@ -118,3 +118,12 @@ def test_pareto_frontier_over_device_count():
         if r["pareto"]:
             assert not ((df["roofline_s"] < r["roofline_s"]) & (df["dollars"] < r["dollars"])).any()
 
+
+
+def test_clip_cost_names_are_engine_clipping_algorithms():
+    """The cost model's per-layer DP extras are keyed by the engine's algorithm names (hooks today; the
+    others are not costed yet, and a run that used them says so: clipping_run vs clipping_costed)."""
+    from dpquant_sim.clipping_rules import CLIPPING_ALGORITHMS
+    from dpquant_sim.cost.clipping import CLIP_COST
+
+    assert set(CLIP_COST) <= set(CLIPPING_ALGORITHMS) and "hooks" in CLIP_COST

@@ -147,6 +147,9 @@ def cost_run(run_dir: str | Path, profiles: Iterable[str | HardwareProfile] | No
     batch = float(info.get("batch_size") or info["sample_rate"] * info["n_train"])
     dp = bool(cfg.get("private", info.get("private", True)))
     opt = _optimizer(cfg)
+    # The engine's clipping algorithm of the run; the cost model has per-layer costs for `hooks` only so far
+    # (dpquant_sim.cost.clipping), so every run is costed as hooks and the table says which was costed.
+    run_clipping = str(cfg.get("clipping", "hooks")) if dp else "none"
     plans = [EpochPlan.from_json(s) if isinstance(s, str) and s.strip() else EpochPlan(epoch=i)
              for i, s in enumerate(metrics["plan"])]
     steps = _steps(info, metrics)
@@ -194,6 +197,7 @@ def cost_run(run_dir: str | Path, profiles: Iterable[str | HardwareProfile] | No
                     "energy_j": roof * p.tdp_w * nd if p.tdp_w is not None else float("nan"),
                     "dollars": roof * p.price_usd_per_s * nd if p.price_usd_per_s is not None else float("nan"),
                     "fallbacks": fb[e * len(profs) + h],
+                    "clipping_run": run_clipping, "clipping_costed": "hooks" if dp else "none",
                     "quantized_flop_share": res.quantized_flop_share[e, 0],
                     "memory_gb": res.memory_bytes[e, 0, d] / 1e9, "fits": bool(res.fits[e, h, 0, d]),
                 })
