@@ -22,17 +22,15 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
-
 from dpquant_sim.cost.comm import allreduce_s
 from dpquant_sim.cost.flops import (
     dp_layer_ops, first_param_layer, gemm_layer_ops, global_ops, memory_bytes, plan_mapping, vector_layer_ops,
 )
-from dpquant_sim.cost.gemm import get_tile_family, kernel_seconds
 from dpquant_sim.cost.profiles import PRECISIONS, HardwareProfile
 from dpquant_sim.errors import ConfigError
 
-if TYPE_CHECKING:  # torch- and pandas-free at import
+if TYPE_CHECKING:  # torch-, numpy- and pandas-free at import (the package imports this module eagerly)
+    import numpy as np
     import pandas as pd
 
     from dpquant_sim.nn.shapes import LayerShape
@@ -65,6 +63,7 @@ class SweepResult:
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy table: one row per (plan index, profile, batch, devices)."""
+        import numpy as np
         import pandas as pd
 
         P, H, B, D = self.roofline_s.shape
@@ -96,6 +95,8 @@ class _Ops:
 
 
 def _collect(shapes, gemm, states, offsets, G, batch, base, dp, optimizer, clipping) -> _Ops:
+    import numpy as np
+
     cls_index = {c: i for i, c in enumerate(_CLASSES)}
     rows: list = []
     first = first_param_layer(shapes)
@@ -125,6 +126,10 @@ def _collect(shapes, gemm, states, offsets, G, batch, base, dp, optimizer, clipp
 
 def _op_times(ops: _Ops, profiles: Sequence[HardwareProfile]) -> tuple[np.ndarray, np.ndarray]:
     """(roofline, theoretical) seconds [H, ops], the same per-op formulas as model.op_time."""
+    import numpy as np
+
+    from dpquant_sim.cost.gemm import get_tile_family, kernel_seconds
+
     H, n = len(profiles), len(ops.flops)
     roof = np.empty((H, n))
     theo = np.empty((H, n))
@@ -175,6 +180,8 @@ def sweep(shapes: Sequence[LayerShape], plans: Sequence[Any], profiles: Sequence
     ``plans``: EpochPlans or {layer: recipe} mappings (others run at ``base``). ``batches``: global examples per
     step; with N devices each runs batch / N. ``devices``: data-parallel device counts.
     """
+    import numpy as np
+
     from dpquant_sim.cost.clipping import get_clip_cost
 
     devices = tuple(devices)
