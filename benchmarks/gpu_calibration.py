@@ -191,7 +191,8 @@ def _measure(rows: list[dict], shapes: list[dict], precs=PRECS, *, quick: bool =
                 continue
             tflops = 2 * m * k * n * b / t / 1e12
             rows.append({**row, "seconds": t, "tflops": tflops, "frac_of_datasheet": tflops / DATASHEET_PEAK[prec]})
-            print(f"{prec:5s} {sh['shape'][:44]:44s} {tflops:9.1f} TFLOP/s  ({tflops / DATASHEET_PEAK[prec]:.2f} of peak)")
+            frac = tflops / DATASHEET_PEAK[prec]
+            print(f"{prec:5s} {sh['shape'][:44]:44s} {tflops:9.1f} TFLOP/s  ({frac:.2f} of peak)")
     if DEVICE == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
 

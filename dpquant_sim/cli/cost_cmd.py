@@ -89,8 +89,8 @@ def _parse_devices(items: List[str]) -> list[int]:
     return list(dict.fromkeys(out)) or [1]
 
 
-SPEEDUP_NOTE = ("x fp32 / x bf16 = the same step with every layer in fp32 / bf16 divided by this step's time, on the same "
-                "device(s). theo: peak rates only (the paper's convention, no memory, launches or communication); "
+SPEEDUP_NOTE = ("x fp32 / x bf16 = the same step with every layer in fp32 / bf16 divided by this step's time, on "
+                "the same device(s). theo: peak rates only (the paper's convention, no memory, launches or communication); "
                 "roof: GEMM kernel model + memory + launches + exposed all-reduce. roof band: the range a measured "
                 "time could take given the profile's cross-validated GEMM error (measured / transferred / generic). "
                 "runs as: precisions without a native path and what runs instead. $ and J: all devices.")
@@ -101,7 +101,8 @@ def cost(
     input: Optional[str] = typer.Option(None, "--input", help="per-example input shape: CxHxW with H == W (e.g. "
                                         "3x32x32), or a feature count for mlp (e.g. 64)"),
     num_classes: int = typer.Option(10, help="model output classes"),
-    batch: List[float] = typer.Option([256.0], "--batch", help="examples per step over all devices (repeat for several)"),
+    batch: List[float] = typer.Option([256.0], "--batch",
+                                      help="examples per step over all devices (repeat for several)"),
     hw: List[str] = typer.Option(["h100_sxm"], "--hw", help="profile name(s), comma-separated or repeated; 'all'"),
     hw_dir: Optional[List[Path]] = typer.Option(None, "--hw-dir", help="extra folder of profile YAML files"),
     devices: List[str] = typer.Option(["1"], "--devices", help="data-parallel device counts, e.g. 1,8,64 (the batch "
@@ -201,7 +202,8 @@ def cost(
                                  .sort_values("roofline_s", ascending=False).to_string())
 
 
-_SHORT = {"devices": "dev", "band_basis": "band from", "quantized_flop_share": "q share", "theoretical_s": "theo s", "roofline_s": "roof s", "allreduce_s": "all-red s",
+_SHORT = {"devices": "dev", "band_basis": "band from", "quantized_flop_share": "q share", "theoretical_s": "theo s",
+          "roofline_s": "roof s", "allreduce_s": "all-red s",
           "throughput_roofline": "ex/s roof", "time_theoretical_s": "theo s", "time_roofline_s": "roof s",
           "fallbacks": "runs as", "energy_j": "J", "dollars": "$", "memory_gb": "mem GB"}
 

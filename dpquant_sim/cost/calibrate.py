@@ -246,7 +246,8 @@ def markdown(v: Validation, *, command: str = "") -> str:
     lines += ["", f"Leave-one-shape-out over {s['n_shapes']} shapes x {s['n_points'] // s['n_shapes']} precisions: "
               f"mean |error| {s['loso_mean_abs_error'] * 100:.1f}%, max {s['loso_max_abs_error'] * 100:.1f}%, "
               f"band [{lo * 100:+.1f}%, {hi * 100:+.1f}%], max fp8/bf16 speedup error "
-              f"{s['loso_max_fp8_bf16_ratio_error'] * 100:.1f}% (in-sample: mean {s['in_sample_mean_abs_error'] * 100:.1f}%, "
+              f"{s['loso_max_fp8_bf16_ratio_error'] * 100:.1f}% "
+              f"(in-sample: mean {s['in_sample_mean_abs_error'] * 100:.1f}%, "
               f"max {s['in_sample_max_abs_error'] * 100:.1f}%)."]
     return "\n".join(lines)
 

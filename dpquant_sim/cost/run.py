@@ -72,10 +72,10 @@ def check_input_shape(model: str, input_shape: Sequence[int], field: str = "inpu
 
     >>> check_input_shape("mlp", (64,))
     (64,)
-    >>> check_input_shape("resnet18", (3, 32))
+    >>> check_input_shape("resnet18", (3, 32))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    dpquant_sim.errors.ConfigError: input_shape=(3, 32) is not allowed; expected CxHxW with H == W for model resnet18 (e.g. 3x32x32)
+    dpquant_sim.errors.ConfigError: input_shape=(3, 32) is not allowed; expected CxHxW with H == W for model ...
     """
     dims = tuple(int(v) for v in input_shape)
     if len(dims) == 3 and dims[1] == dims[2] and min(dims) >= 1:
@@ -104,7 +104,8 @@ def build_shapes(model: str, input_shape: Sequence[int], num_classes: int):
     return trace_layers(m, input_shape)
 
 
-def estimator_forward_s(shapes, profile: HardwareProfile, examples: float, *, base: str = "bf16") -> tuple[float, float]:
+def estimator_forward_s(shapes, profile: HardwareProfile, examples: float, *,
+                        base: str = "bf16") -> tuple[float, float]:
     """(theoretical, roofline) seconds of one forward pass over ``examples`` examples (no backward)."""
     if examples <= 0:
         return 0.0, 0.0
@@ -121,7 +122,8 @@ def run_plans(run_dir: str | Path) -> list[EpochPlan]:
 
 
 def cost_run(run_dir: str | Path, profiles: Iterable[str | HardwareProfile] | None = None, *, base: str = "bf16",
-             hw_dirs: Iterable[str | Path] = (), devices: Sequence[int] = (1,), allreduce: str = "ring") -> pd.DataFrame:
+             hw_dirs: Iterable[str | Path] = (), devices: Sequence[int] = (1,),
+             allreduce: str = "ring") -> pd.DataFrame:
     """Per-epoch, per-accelerator (and device count) time, throughput, speedups, energy and dollars of a run.
 
     ``profiles``: names or HardwareProfile objects (None: every known profile). ``base``: precision of
