@@ -311,7 +311,38 @@ def build_sections(table: pd.DataFrame, *, title: str = "dpquant-sim report") ->
         extra = [c for c in summary.columns if c.startswith("share_") or c.startswith("time_fp")]
         if extra:
             sections[-1].html += "<p>Per-precision columns: " + ", ".join(map(html.escape, extra)) + "</p>"
+    notes = accelerator_notes(table)
+    if not notes.empty:
+        sections.append(Section("Accelerator notes: precision fallbacks and time error bands", data=notes,
+                                html=_df_html(notes) + "<p>runs as: precisions the schedule asks for that the "
+                                "accelerator has no native path for, and what runs instead (their time is "
+                                "that precision's). time band: range of the GEMM model's cross-validated "
+                                "error, measured on this device, transferred from the same silicon, or the "
+                                "generic band of a device without measurements (docs/cost_model.md).</p>",
+                                slug="accelerator_notes"))
     return sections
+
+
+def accelerator_notes(table: pd.DataFrame) -> pd.DataFrame:
+    """Per accelerator: the precision fallbacks its runs hit and the error band of its roofline times."""
+    if "accelerator" not in table.columns:
+        return pd.DataFrame()
+    from dpquant_sim.cost.profiles import load_profiles
+
+    profiles = load_profiles()
+    rows = []
+    for acc, g in table.groupby("accelerator", sort=True):
+        hw = g["hw"].iloc[0] if "hw" in g.columns else acc
+        fb = sorted({f.strip() for v in g.get("fallbacks", pd.Series(dtype=str)).dropna().astype(str)
+                     for f in v.split(",") if f.strip()})
+        row = {"accelerator": acc, "runs as": ", ".join(fb) or "(all native)"}
+        p = profiles.get(hw)
+        if p is not None:
+            lo, hi, basis = p.error_band
+            row["time band"] = f"{lo * 100:+.0f}% / {hi * 100:+.0f}%"
+            row["band from"] = basis
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _df_html(df: pd.DataFrame) -> str:
@@ -379,15 +410,18 @@ def build_report(
         raise ConfigError("report dir", str(sweep_dir), "a sweep or demo folder containing runs/")
     name = sweep_dir.name
     sweep_yaml = sweep_dir / "sweep.yaml"
-    if accelerators is None and sweep_yaml.is_file():
+    devices = [1]
+    if sweep_yaml.is_file():
         import yaml
 
         raw = yaml.safe_load(sweep_yaml.read_text()) or {}
-        accelerators = raw.get("accelerators", "all")
-        name = raw.get("name", name)
+        devices = raw.get("devices") or [1]
+        if accelerators is None:
+            accelerators = raw.get("accelerators", "all")
+            name = raw.get("name", name)
     have = (sweep_dir / TABLE_PARQUET).is_file() or (sweep_dir / TABLE_CSV).is_file()
-    table = collect_sweep(sweep_dir, accelerators=accelerators or "all") if (recollect or not have) else load_table(
-        sweep_dir)
+    table = collect_sweep(sweep_dir, accelerators=accelerators or "all", devices=devices) if (
+        recollect or not have) else load_table(sweep_dir)
     title = title or f"dpquant-sim report: {name}"
     sections = build_sections(table, title=title)
     out = Path(out) if out is not None else sweep_dir / "report.html"

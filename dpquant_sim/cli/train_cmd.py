@@ -53,14 +53,24 @@ def build_config(config: Optional[Path], flags: dict[str, Any], schedule_opts: d
     return TrainConfig.parse(data, source="dpquant-sim train")
 
 
-def register(app: typer.Typer) -> None:
-    from dpquant_sim.nn.config import RECIPES
+def _recipe_names() -> str:
+    from dpquant_sim.nn.config import RECIPES  # imports torch: only when `train --help` is shown
+
+    return ", ".join(RECIPES)
+
+
+def _schedule_kinds() -> str:
     from dpquant_sim.schedules.configs import SCHEDULE_KINDS
 
-    recipes = ", ".join(RECIPES)
-    kinds = ", ".join(SCHEDULE_KINDS)
+    return ", ".join(SCHEDULE_KINDS)
 
-    @app.command("train")
+
+def register(app: typer.Typer) -> None:
+    from dpquant_sim.cli.lazy_help import lazy_help_command
+
+    recipes, kinds = "{recipes}", "{kinds}"  # filled in when the help is printed
+
+    @app.command("train", cls=lazy_help_command({"{recipes}": _recipe_names, "{kinds}": _schedule_kinds}))
     def train_cmd(
         out: Path = typer.Option(..., "--out", "-o", help="Run directory (created; rerunning resumes it)."),
         config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of TrainConfig fields; "

@@ -61,14 +61,18 @@ def _describe_run_dir(rd: Path) -> dict[str, Any]:
     return {**p.params(), "label": p.label}
 
 
-def run_table(run_dir: Path, profiles: Sequence[Any]) -> pd.DataFrame:
-    """metrics.csv of one run joined with its cost per accelerator (one row per epoch x accelerator)."""
+def run_table(run_dir: Path, profiles: Sequence[Any], devices: Sequence[int] = (1,)) -> pd.DataFrame:
+    """metrics.csv of one run joined with its cost per accelerator (one row per epoch x accelerator x device
+    count). With several device counts, ``accelerator`` names the option ('h100_sxm x8'); ``hw`` and
+    ``devices`` keep its parts."""
     metrics = pd.read_csv(run_dir / "metrics.csv")
     if not profiles:
         return metrics
     from dpquant_sim.cost.run import cost_run
 
-    cost = cost_run(run_dir, profiles)
+    cost = cost_run(run_dir, profiles, devices=tuple(devices))
+    if "hw" in cost.columns and "devices" in cost.columns and "accelerator" not in cost.columns:
+        cost["accelerator"] = [h if n == 1 else f"{h} x{n}" for h, n in zip(cost["hw"], cost["devices"])]
     if "accelerator" not in cost.columns:
         for alt in ("hw", "profile", "hardware", "name"):
             if alt in cost.columns:
@@ -88,6 +92,7 @@ def collect_sweep(
     points: Sequence[Any] | None = None,
     include_partial: bool = False,
     write: bool = True,
+    devices: Sequence[int] = (1,),
 ) -> pd.DataFrame:
     """Build (and by default write) the tidy table of a sweep folder.
 
@@ -98,6 +103,7 @@ def collect_sweep(
         include_partial: also include runs without summary.json (their finished epochs), flagged
             ``complete=False``.
         write: write ``results.csv`` and ``results.parquet`` atomically.
+        devices: data-parallel device counts to cost every run on.
     """
     out_dir = Path(out_dir)
     pts = _points_frame(out_dir, points)
@@ -113,7 +119,7 @@ def collect_sweep(
         complete = (rd / "summary.json").is_file()
         if not (rd / "metrics.csv").is_file() or not (complete or include_partial):
             continue
-        t = run_table(rd, profiles)
+        t = run_table(rd, profiles, devices)
         desc = pd.DataFrame({(k if k not in t.columns else f"{k}_point"): [v] * len(t) for k, v in row.items()})
         t = pd.concat([desc, t.reset_index(drop=True)], axis=1)
         t["complete"] = complete

@@ -144,5 +144,5 @@ def run_sweep(
     if collect:
         from dpquant_sim.sweep.collect import collect_sweep
 
-        result.table = collect_sweep(out_dir, accelerators=cfg.accelerators, points=points)
+        result.table = collect_sweep(out_dir, accelerators=cfg.accelerators, points=points, devices=cfg.devices)
     return result
