@@ -12,6 +12,10 @@ executor is plain ``ray.remote`` tasks on whatever ``ray.init(address=...)`` con
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
+import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -33,6 +37,51 @@ def _set_threads(n: int) -> None:
         torch.set_num_threads(n)
     except ImportError:  # pragma: no cover - torch is a hard dependency
         pass
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WATCHDOG_PERIOD_S = 0.5
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this pool worker die when the sweep process that started it dies, however it dies (SIGKILL too).
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, delivered by the kernel the moment the parent exits (strictly:
+    when the parent's thread that spawned the worker exits; ``run_local`` spawns from the thread that runs the
+    sweep, which outlives the pool). Everywhere, as a fallback: a daemon thread that SIGKILLs this process once
+    its parent pid changes (re-parented to init or a subreaper), within ``WATCHDOG_PERIOD_S``. An orphaned
+    worker would otherwise keep training queued points and race a rerun of the sweep.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the watchdog still covers it
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def watch() -> None:
+        while True:
+            time.sleep(WATCHDOG_PERIOD_S)
+            if os.getppid() != parent_pid:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="dpquant-parent-watchdog", daemon=True).start()
+
+
+def _worker_init(threads: int, parent_pid: int) -> None:
+    """Pool worker initializer: die with the parent, leave Ctrl-C to it, ``threads`` torch threads.
+
+    Ctrl-C in a terminal sends SIGINT to the whole foreground process group, workers included; they ignore it
+    so that the parent alone handles it (it cancels queued points and terminates running workers), instead of
+    every worker printing its own KeyboardInterrupt traceback.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent_pid)
+    _set_threads(threads)
 
 
 def _call(point_fn: PointFn, config: Any, run_dir: Path) -> str | None:
@@ -58,7 +107,8 @@ def run_local(
     """Run points in a ``ProcessPoolExecutor`` of ``workers`` spawned processes, ``threads`` torch threads each.
 
     On KeyboardInterrupt pending points are cancelled and running workers are terminated; finished runs
-    stay on disk (their writes were atomic) and a rerun picks up from there.
+    stay on disk (their writes were atomic) and a rerun picks up from there. If this process is killed
+    outright (SIGKILL), its workers die with it (``_die_with_parent``) instead of training on as orphans.
     """
     import multiprocessing as mp
 
@@ -67,7 +117,8 @@ def run_local(
         return
     # spawn: a fresh interpreter per worker (fork after torch/OpenMP initialised can deadlock).
     ctx = mp.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_set_threads, initargs=(threads,))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                               initargs=(threads, os.getpid()))
     futures = {}
     try:
         for pid, cfg, run_dir in tasks:
