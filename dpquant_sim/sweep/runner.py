@@ -156,6 +156,7 @@ def _run_locked(cfg: SweepConfig, points: list[SweepPoint], out_dir: Path, *, ki
     todo = []
     for p in points:
         rd = out_dir / "runs" / p.id
+        clean_stale_temps(rd, owned=False)  # left by writers killed in an earlier attempt (any point function)
         if is_done(rd):
             result.skipped.append(p.id)
         else:
