@@ -234,6 +234,8 @@ def test_sigkilled_sweep_leaves_no_worker_and_reruns_to_the_same_table(tmp_path)
         if proc.poll() is None:
             proc.kill()
     survivors = _no_survivors(workers)
+    for w in survivors:  # do not leak them into the rest of the suite
+        os.kill(w, signal.SIGKILL)
     assert not survivors, f"workers {survivors} outlived the sweep process"
     done = {p.parent.name for p in out.glob("runs/*/summary.json")}
     assert 1 <= len(done) < 6
@@ -264,7 +266,10 @@ def test_sigkilled_real_sweep_reruns_to_identical_results(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not _no_survivors(workers)
+    survivors = _no_survivors(workers)
+    for w in survivors:
+        os.kill(w, signal.SIGKILL)
+    assert not survivors, f"workers {survivors} outlived the sweep process"
     assert len(list(out.glob("runs/*/summary.json"))) < 4
     cfg = SweepConfig.from_yaml(sweep)  # rerun and reference in this process (no second pool start-up)
     res = run_sweep(cfg, out, workers=1, progress=False)
