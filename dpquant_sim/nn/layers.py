@@ -82,6 +82,27 @@ def _apply_spec(t: torch.Tensor, spec: QuantSpec, generator: torch.Generator | N
     return out if out.dtype == t.dtype else out.to(t.dtype)
 
 
+def row_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with default (row-major) strides, copied only when needed.
+
+    ``.contiguous()`` is not enough: torch ignores the strides of size-1 dims when it decides contiguity, so a
+    channels-last tensor of a 1x1 feature map counts as contiguous and keeps its strides. Opacus's conv grad
+    sampler (``unfold2d``: ``F.pad`` then ``as_strided``) trusts the strides and would read padding zeros, so
+    every tensor a Q layer hands to a grad sampler goes through here.
+    """
+    if t.stride() == _default_strides(t.shape):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _default_strides(shape: torch.Size) -> tuple[int, ...]:
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= max(int(n), 1)
+    return tuple(reversed(out))
+
+
 def quantize_data(
     t: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None, *, conv: bool
 ) -> torch.Tensor:
@@ -95,8 +116,8 @@ def quantize_data(
     """
     if conv and spec.scaling in _BLOCK_SCALINGS and t.dim() == 4:
         q = _apply_spec(t.permute(0, 2, 3, 1), spec, generator)
-        return q.permute(0, 3, 1, 2).contiguous()
-    return _apply_spec(t, spec, generator)
+        return row_major(q.permute(0, 3, 1, 2))
+    return row_major(_apply_spec(t, spec, generator))
 
 
 def quantize_weight(
@@ -104,8 +125,8 @@ def quantize_weight(
 ) -> torch.Tensor:
     """Quantize a weight (dim 0 = output channels). Conv block scalings block along input channels."""
     if conv and spec.scaling in _BLOCK_SCALINGS:
-        return _apply_spec(w.permute(0, 2, 3, 1), spec, generator).permute(0, 3, 1, 2).contiguous()
-    return _apply_spec(w, spec, generator)
+        return row_major(_apply_spec(w.permute(0, 2, 3, 1), spec, generator).permute(0, 3, 1, 2))
+    return row_major(_apply_spec(w, spec, generator))
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -156,6 +177,10 @@ def _input_pre_hook(module: "_QuantMixin", args: tuple) -> tuple | None:
 
 def _grad_pre_hook(module: "_QuantMixin", grad_output: tuple) -> tuple | None:
     """Full backward pre-hook: quantize dy before both the layer's backward and Opacus's hook read it."""
+    replay = module._replay_grad
+    if replay is not None:  # ghost clipping's second pass: the recorded c * q(dy), never a new quantization
+        module._replay_grad = None
+        return (replay, *grad_output[1:])
     cfg = module._qconfig
     if cfg is None or not grad_output or grad_output[0] is None:
         return None
@@ -184,6 +209,8 @@ class _QuantMixin:
         self.record_quantized = False
         self._q_act: torch.Tensor | None = None
         self._q_grad: torch.Tensor | None = None
+        # Set by ghost clipping between its two backward passes: the output gradient to use instead of q(dy).
+        self._replay_grad: torch.Tensor | None = None
         self._entered_via_call = False
         self._grad_hook_id: int | None = None  # id in _backward_pre_hooks (an int survives deepcopy/pickle)
         self._qconfig = None
