@@ -179,6 +179,13 @@ def _children(pid: int) -> set[int]:
     return out
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _alive(pid: int) -> bool:
     """Running (a zombie waiting for a parent that does not reap it counts as dead)."""
     try:
@@ -194,7 +201,7 @@ def _kill_parent_only(proc, started, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, "sweep process ended before it could be killed"
-        workers = {c for c in _children(proc.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()}
+        workers = {c for c in _children(proc.pid) if "spawn_main" in _cmdline(c)}
         if len(workers) >= 2 and started():
             break
         time.sleep(0.1)
@@ -238,12 +245,54 @@ def test_sigkilled_sweep_leaves_no_worker_and_reruns_to_the_same_table(tmp_path)
         os.kill(w, signal.SIGKILL)
     assert not survivors, f"workers {survivors} outlived the sweep process"
     done = {p.parent.name for p in out.glob("runs/*/summary.json")}
-    assert 1 <= len(done) < 6
+    assert 1 <= len(done) < 6, done
     res = run_sweep(cfg, out, workers=1, point_fn=fake_point, progress=False)
-    assert res.ok and set(res.skipped) == done and len(res.finished) == 6 - len(done)
+    assert res.ok and set(res.skipped) == done and len(res.finished) == 6 - len(done), (res, done)
     clean = run_sweep(cfg, tmp_path / "clean", workers=1, point_fn=fake_point, progress=False)
     pd.testing.assert_frame_equal(res.table, clean.table)
     assert not [p for p in out.rglob("*") if p.name == ".lock" or p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_of_a_pool_sweep_stops_every_worker_cleanly(tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C: the workers ignore it, the sweep process
+    terminates them, they unwind (nothing half-written is left) and exit; the rerun completes the same table."""
+    out = tmp_path / "interrupted"
+    cfg = _cfg(grid={**RAW["grid"], "seed": [0, 1]})
+    script = textwrap.dedent(
+        f"""
+        import sys; sys.path.insert(0, {str(ROOT)!r})
+        from tests.test_sweep_runner import fake_point, _cfg, RAW
+        from dpquant_sim.sweep.runner import run_sweep
+        run_sweep(_cfg(grid={{**RAW["grid"], "seed": [0, 1]}}), {str(out)!r}, workers=2, point_fn=fake_point,
+                  progress=False, collect=False)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "DPQ_FAKE_DELAY": "0.5"},
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while not (len(_children(proc.pid)) >= 3 and list(out.glob("runs/*/summary.json"))):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert err.count("Traceback") == 1, err  # the sweep process's own; none from the workers
+    survivors = _no_survivors(workers)
+    for w in survivors:
+        os.kill(w, signal.SIGKILL)
+    assert not survivors
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    res = run_sweep(cfg, out, workers=1, point_fn=fake_point, progress=False)
+    clean = run_sweep(cfg, tmp_path / "clean", workers=1, point_fn=fake_point, progress=False)
+    pd.testing.assert_frame_equal(res.table, clean.table)
 
 
 @pytest.mark.slow

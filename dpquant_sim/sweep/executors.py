@@ -72,14 +72,26 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="dpquant-parent-watchdog", daemon=True).start()
 
 
+class _Terminated(SystemExit):
+    """Raised in a pool worker by SIGTERM (the parent stopping a running point)."""
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    """SIGTERM unwinds the worker like an exit, so the point's run-folder lock is released and its half-written
+    temporary file removed on the way out; ``_call`` then ends the process (the pool would otherwise catch the
+    exception and hand the worker its next point)."""
+    raise _Terminated(128 + signum)
+
+
 def _worker_init(threads: int, parent_pid: int) -> None:
     """Pool worker initializer: die with the parent, leave Ctrl-C to it, ``threads`` torch threads.
 
     Ctrl-C in a terminal sends SIGINT to the whole foreground process group, workers included; they ignore it
-    so that the parent alone handles it (it cancels queued points and terminates running workers), instead of
-    every worker printing its own KeyboardInterrupt traceback.
+    so that the parent alone handles it (it cancels queued points and terminates running workers, whose SIGTERM
+    unwinds them cleanly), instead of every worker printing its own KeyboardInterrupt traceback.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     _die_with_parent(parent_pid)
     _set_threads(threads)
 
@@ -90,6 +102,8 @@ def _call(point_fn: PointFn, config: Any, run_dir: Path) -> str | None:
     try:
         point_fn(config, Path(run_dir))
         return None
+    except _Terminated as e:
+        os._exit(int(e.code))  # unwound; now leave for real (see _exit_on_sigterm)
     except Exception:  # noqa: BLE001 - reported per point by the runner
         return traceback.format_exc()
 
@@ -141,6 +155,8 @@ def run_local(
         for p in procs:
             if p.is_alive():
                 p.terminate()
+        for p in procs:  # let them unwind (locks, temporaries) before this process exits and kills them
+            p.join(timeout=10)
         raise
     else:
         pool.shutdown(wait=True)
