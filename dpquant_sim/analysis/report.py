@@ -399,33 +399,48 @@ def build_report(
     """Write ``<sweep_dir>/report.html`` (or ``out``) and its figure data under ``<stem>_data/``.
 
     Uses ``results.parquet``/``results.csv`` of the folder; collects it first when absent (or
-    ``recollect=True``), costing on ``accelerators`` (default: the sweep's, else all profiles).
-    ``png=True`` also exports each figure as PNG beside its CSV (needs kaleido and a browser; otherwise a
-    one-line message per figure says so).
+    ``recollect=True``), costing on the sweep's accelerators (else all profiles). Explicit ``accelerators``
+    (a list of profile names or "all") re-cost the runs into a derived table written beside the report as
+    ``<stem>_results.csv``/``.parquet``: the sweep's own results table is never rewritten with other
+    accelerators. ``png=True`` also exports each figure as PNG beside its CSV (needs kaleido and a browser;
+    otherwise a one-line message per figure says so).
+
+    Raises ConfigError when ``sweep_dir`` has no runs/ or ``out`` is a folder; RunFolderError when a run's
+    metrics.csv disagrees with its summary.json (see ``sweep.collect.check_run_consistent``).
     """
-    from dpquant_sim.sweep.collect import TABLE_CSV, TABLE_PARQUET, collect_sweep, load_table
+    from dpquant_sim.io import clean_stale_temps
+    from dpquant_sim.sweep.collect import TABLE_CSV, TABLE_PARQUET, collect_sweep, load_table, write_table
 
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / "runs").is_dir():
         raise ConfigError("report dir", str(sweep_dir), "a sweep or demo folder containing runs/")
+    out = Path(out) if out is not None else sweep_dir / "report.html"
+    if out.is_dir():
+        raise ConfigError("report --out", str(out), f"an HTML file path, not a folder (e.g. {str(out / 'report.html')!r})")
     name = sweep_dir.name
     sweep_yaml = sweep_dir / "sweep.yaml"
     devices = [1]
+    sweep_accs = None
     if sweep_yaml.is_file():
         import yaml
 
         raw = yaml.safe_load(sweep_yaml.read_text()) or {}
         devices = raw.get("devices") or [1]
-        if accelerators is None:
-            accelerators = raw.get("accelerators", "all")
-            name = raw.get("name", name)
+        sweep_accs = raw.get("accelerators", "all")
+        name = raw.get("name", name)
     have = (sweep_dir / TABLE_PARQUET).is_file() or (sweep_dir / TABLE_CSV).is_file()
-    table = collect_sweep(sweep_dir, accelerators=accelerators or "all", devices=devices) if (
-        recollect or not have) else load_table(sweep_dir)
+    if accelerators is not None:  # a derived table, beside the report, never over the sweep's
+        table = collect_sweep(sweep_dir, accelerators=accelerators or "all", write=False, devices=devices)
+        write_table(table, out.with_name(out.stem + "_results.csv"))
+    elif recollect or not have:
+        table = collect_sweep(sweep_dir, accelerators=sweep_accs or "all", devices=devices)
+    else:
+        table = load_table(sweep_dir)
     title = title or f"dpquant-sim report: {name}"
     sections = build_sections(table, title=title)
-    out = Path(out) if out is not None else sweep_dir / "report.html"
     data_dir = out.with_name(out.stem + "_data")
+    for folder in (out.parent, data_dir):  # temporaries of a killed earlier report
+        clean_stale_temps(folder, owned=False)
     for s in sections:
         if s.data is not None:
             atomic_write_df(data_dir / f"{s.slug}.csv", s.data)
