@@ -105,6 +105,9 @@ def register(app: typer.Typer) -> None:
         max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", "--clip",
                                                       help="Per-example L2 clipping norm C, > 0 (default 1.0)."),
         accountant: Optional[str] = typer.Option(None, help="rdp | prv (default rdp)."),
+        clipping: Optional[str] = typer.Option(None, help="How per-example clipping is computed: hooks | ghost "
+                                               "| bk | mixed (same update, different time and memory; "
+                                               "default mixed; docs/privacy.md)."),
         secure_noise: bool = typer.Option(False, "--secure-noise", help="Draw DP noise and Poisson sampling "
                                           "from OS entropy, never written (for a release). Default: from "
                                           "--seed (reproducible; epsilon then assumes the seed stays secret)."),
@@ -147,7 +150,7 @@ def register(app: typer.Typer) -> None:
                      epochs=epochs, batch_size=batch_size, physical_batch_size=physical_batch_size, lr=lr,
                      optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, private=private,
                      epsilon=epsilon, noise_multiplier=noise_multiplier, delta=delta, max_grad_norm=max_grad_norm,
-                     accountant=accountant, secure_noise=secure_noise or None,
+                     accountant=accountant, clipping=clipping, secure_noise=secure_noise or None,
                      release_train_loss=release_train_loss or None,
                      recipe=quantize, eval_quantized=eval_quantized, seed=seed,
                      data_seed=data_seed, threads=threads, device=device, _schedule=schedule)

@@ -26,13 +26,12 @@ Example (a linear layer: the ghost norm of x_i dy_i^T is ||x_i|| ||dy_i||):
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from opacus.grad_sample import register_norm_sampler
 from opacus.grad_sample.grad_sample_module import GradSampleHooks
-from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
 from dpquant_sim.errors import ConfigError, DPSafetyError
@@ -53,13 +52,11 @@ def gemm_operands(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> tuple[
     """
     n = x.shape[0]
     if isinstance(layer, QConv2d):
-        padding = layer.padding
-        x = x.to(dy.dtype)
-        if layer.padding_mode != "zeros":  # reflect/replicate/circular: pad exactly as the forward did
-            x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
-            padding = (0, 0)
-        cols = unfold2d(row_major(x), kernel_size=layer.kernel_size, padding=padding, stride=layer.stride,
-                        dilation=layer.dilation)  # (B, C_in*kh*kw, T), channel-major like the weight
+        xp, padding = _conv_input_and_padding(layer, x.to(dy.dtype))
+        # torch's im2col (F.unfold): 1.1-4x faster than Opacus's unfold2d on small maps; channel-major like the
+        # weight, (B, C_in*kh*kw, T)
+        cols = F.unfold(row_major(xp), layer.kernel_size, dilation=layer.dilation, padding=padding,
+                        stride=layer.stride)
         g, length = layer.groups, cols.shape[-1]
         a = cols.reshape(n, g, -1, length).transpose(2, 3)
         d = dy.reshape(n, g, layer.out_channels // g, length).transpose(2, 3)
@@ -100,6 +97,23 @@ def _conv_input_and_padding(layer: QConv2d, x: torch.Tensor):
     return x, layer.padding
 
 
+def per_sample_weight_grads(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """(B, *weight.shape) per-sample weight gradients. A conv runs its own weight-gradient kernel once with the
+    batch folded into the groups (no im2col in Python: 1.2-2x faster than unfold + einsum on CPU where
+    materialising is the cheaper norm); a linear layer is one batched GEMM."""
+    n = x.shape[0]
+    if isinstance(layer, QConv2d):
+        xp, padding = _conv_input_and_padding(layer, x.to(dy.dtype))
+        w = layer.weight
+        gw = torch.nn.grad.conv2d_weight(
+            row_major(xp).reshape(1, n * xp.shape[1], *xp.shape[2:]), (n * w.shape[0], *w.shape[1:]),
+            row_major(dy).reshape(1, n * dy.shape[1], *dy.shape[2:]), layer.stride, padding, layer.dilation,
+            n * layer.groups)
+        return gw.reshape(n, *w.shape)
+    a, d = gemm_operands(layer, x, dy)
+    return (d.transpose(-1, -2) @ a).reshape(n, *layer.weight.shape)
+
+
 def _bias_per_sample(layer: nn.Module, dy: torch.Tensor) -> torch.Tensor:
     n = dy.shape[0]
     if isinstance(layer, QConv2d):
@@ -109,26 +123,35 @@ def _bias_per_sample(layer: nn.Module, dy: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ ops
 class ClipOps:
-    """What a clipping algorithm needs of one layer type. Subclasses override all three methods.
+    """What a clipping algorithm needs of one layer type. Subclasses override ``per_sample``, ``record`` and
+    ``weighted_sum``.
 
-    ``x``/``dy``: the layer's recorded input and output gradient for a batch of B examples.
+    ``x``/``dy``: the layer's recorded input and output gradient for a batch of B examples. ``record`` runs in
+    the backward hook and returns the squared per-sample norms plus what ``weighted_sum`` will need once every
+    layer's norm, hence every clip factor, is known (the operands for a GEMM layer, the small per-sample
+    gradients for a norm layer), so nothing is computed twice.
     """
 
     def per_sample(self, layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> dict[Param, torch.Tensor]:
         """Materialised per-sample gradients {param: (B, *param.shape)} of the trainable parameters."""
         raise NotImplementedError
 
-    def sq_norms(self, layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, method: str,
-                 masks: Masks | None = None) -> torch.Tensor:
-        """Squared per-sample gradient norm over the layer's trainable parameters, (B,) float32/64.
+    def record(self, layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, method: str,
+               masks: Masks | None = None) -> tuple[torch.Tensor, Any]:
+        """(squared per-sample gradient norm over the layer's trainable parameters, shape (B,); the state
+        ``weighted_sum`` needs). ``method``: 'ghost' or 'materialize' (``clipping_rules.norm_method``).
         ``masks`` (param -> bool, param's shape) apply before the norm (pruning / gradient dropping), which
-        needs the materialised gradients for the masked parameters."""
+        needs the materialised gradients of the masked parameters."""
         raise NotImplementedError
 
-    def weighted_sum(self, layer: nn.Module, x: torch.Tensor, dy: torch.Tensor,
-                     c: torch.Tensor) -> dict[Param, torch.Tensor]:
+    def weighted_sum(self, layer: nn.Module, state: Any, c: torch.Tensor) -> dict[Param, torch.Tensor]:
         """sum_i c_i g_i per trainable parameter (masks are applied by the caller: sum of masked = masked sum)."""
         raise NotImplementedError
+
+    def sq_norms(self, layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, method: str,
+                 masks: Masks | None = None) -> torch.Tensor:
+        """Just the squared per-sample norms of ``record``."""
+        return self.record(layer, x, dy, method, masks)[0]
 
 
 def _trainable(layer: nn.Module) -> list[tuple[str, Param]]:
@@ -140,19 +163,19 @@ def _flat_sq(t: torch.Tensor) -> torch.Tensor:
 
 
 class GemmClipOps(ClipOps):
-    """QLinear / QConv2d: ghost norm from the Gram matrices, or the materialised p x d gradient."""
+    """QLinear / QConv2d: ghost norm from the Gram matrices, or the materialised p x d gradient; the clipped sum
+    as one weighted GEMM on the kept operands."""
 
     def per_sample(self, layer, x, dy):
         out: dict[Param, torch.Tensor] = {}
         n = x.shape[0]
         if layer.weight.requires_grad:
-            a, d = gemm_operands(layer, x, dy)
-            out[layer.weight] = (d.transpose(-1, -2) @ a).reshape(n, *layer.weight.shape)
+            out[layer.weight] = per_sample_weight_grads(layer, x, dy)
         if layer.bias is not None and layer.bias.requires_grad:
             out[layer.bias] = _bias_per_sample(layer, dy)
         return out
 
-    def sq_norms(self, layer, x, dy, method, masks=None):
+    def record(self, layer, x, dy, method, masks=None):
         n = x.shape[0]
         total = dy.new_zeros(n)
         masks = masks or {}
@@ -162,26 +185,27 @@ class GemmClipOps(ClipOps):
                 raise ConfigError("norm method", method, ("ghost", "materialize"))
             T, d, p = _dims(layer, x, dy)
             ghost = method == "ghost" and w not in masks
-            per_example = T * d + (2 * T * T if ghost else p * d)
+            per_example = T * d + 2 * T * T if ghost else p * d * (1 if isinstance(layer, QConv2d) else 2) + T * d
             parts = []
             for sl in _example_blocks(n, per_example, max(x.numel(), dy.numel())):
-                a, g = gemm_operands(layer, x[sl], dy[sl])
                 if ghost:
-                    parts.append(ghost_sq_norms(a, g))
+                    parts.append(ghost_sq_norms(*gemm_operands(layer, x[sl], dy[sl])))
                 else:
-                    gw = g.transpose(-1, -2) @ a
+                    gw = per_sample_weight_grads(layer, x[sl], dy[sl])
                     if w in masks:
-                        gw = gw.reshape(gw.shape[0], *w.shape) * masks[w].to(gw.dtype)
+                        gw = gw * masks[w].to(gw.dtype)
                     parts.append(_flat_sq(gw))
-            total = total + torch.cat(parts)
+            if parts:  # none for an empty batch
+                total = total + torch.cat(parts)
         if b is not None and b.requires_grad:
             gb = _bias_per_sample(layer, dy)
             if b in masks:
                 gb = gb * masks[b].to(dy.dtype)
             total = total + gb.pow(2).sum(1)
-        return total
+        return total, (x, dy)
 
-    def weighted_sum(self, layer, x, dy, c):
+    def weighted_sum(self, layer, state, c):
+        x, dy = state
         out: dict[Param, torch.Tensor] = {}
         cd = dy * c.to(dy.dtype).reshape(-1, *([1] * (dy.dim() - 1)))
         if layer.weight.requires_grad:
@@ -200,7 +224,8 @@ class GemmClipOps(ClipOps):
 
 
 class SamplerClipOps(ClipOps):
-    """Any module with an Opacus grad sampler (GroupNorm, LayerNorm, ...): materialise, norm, weight."""
+    """Any module with an Opacus grad sampler (GroupNorm, LayerNorm, ...): its per-sample gradients are small
+    (B x params), so they are materialised once, normed, and kept for the weighted sum."""
 
     def __init__(self, sampler: Callable):
         self.sampler = sampler
@@ -211,17 +236,16 @@ class SamplerClipOps(ClipOps):
         gs = self.sampler(layer, [x], dy)
         return {p: gs[p] for _, p in _trainable(layer) if p in gs}
 
-    def sq_norms(self, layer, x, dy, method, masks=None):
+    def record(self, layer, x, dy, method, masks=None):
         masks = masks or {}
+        gs = self.per_sample(layer, x, dy)
         total = dy.new_zeros(x.shape[0])
-        for p, g in self.per_sample(layer, x, dy).items():
-            if p in masks:
-                g = g * masks[p].to(g.dtype)
-            total = total + _flat_sq(g)
-        return total
+        for p, g in gs.items():
+            total = total + _flat_sq(g * masks[p].to(g.dtype) if p in masks else g)
+        return total, gs
 
-    def weighted_sum(self, layer, x, dy, c):
-        return {p: torch.einsum("b,b...->...", c.to(g.dtype), g) for p, g in self.per_sample(layer, x, dy).items()}
+    def weighted_sum(self, layer, state, c):
+        return {p: torch.einsum("b,b...->...", c.to(g.dtype), g) for p, g in state.items()}
 
 
 CLIP_OPS: dict[type[nn.Module], ClipOps] = {QLinear: GemmClipOps(), QConv2d: GemmClipOps()}

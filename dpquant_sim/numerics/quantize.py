@@ -55,7 +55,7 @@ OVERFLOWS = ("saturate", "ieee")
 BACKENDS = ("auto", "torch", "compiled", "qtorch")
 # "auto" compiles a tensor of at least this many elements on CPU (every tensor on a GPU, where the eager path
 # is a chain of launches): below it the eager path is as fast and a cold compile (5-17 s per variant) never pays.
-AUTO_COMPILE_MIN_NUMEL = int(os.environ.get("DPQUANT_COMPILE_MIN_NUMEL", 1 << 20))
+AUTO_COMPILE_MIN_NUMEL = int(os.environ.get("DPQUANT_COMPILE_MIN_NUMEL", 1 << 16))
 
 _SIGN = -(1 << 31)  # 0x80000000 as int32
 _ABS = 0x7FFFFFFF

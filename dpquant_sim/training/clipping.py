@@ -176,7 +176,8 @@ class _Recorder:
                        if any(p.requires_grad for p in m.parameters(recurse=False))]
         self.ops = {m: layer_ops(m) for m in self.layers}  # refuses a module type with no per-sample rule
         self.acts: dict[nn.Module, torch.Tensor] = {}
-        self.grads: dict[nn.Module, torch.Tensor] = {}
+        self.kept: dict[nn.Module, Any] = {}  # what each kept layer's weighted sum needs (ClipOps.record)
+        self.grads: dict[nn.Module, torch.Tensor] = {}  # output gradients of the kept layers
         self.sq: torch.Tensor | None = None
         self.masks: Masks = None
         self.keep: Callable[[nn.Module], bool] = lambda m: True
@@ -206,13 +207,11 @@ class _Recorder:
     def _backward(self, module, grad_input, grad_output) -> None:
         if not self.active or grad_output[0] is None:
             return
-        x, dy = self.acts[module], grad_output[0].detach()
-        s = self.ops[module].sq_norms(module, x, dy, self.method(module, x, dy), self.masks)
+        x, dy = self.acts.pop(module), grad_output[0].detach()
+        s, state = self.ops[module].record(module, x, dy, self.method(module, x, dy), self.masks)
         self.sq = s if self.sq is None else self.sq + s
         if self.keep(module):
-            self.grads[module] = dy
-        else:
-            del self.acts[module]
+            self.kept[module], self.grads[module] = state, dy
 
     def clip_factors(self, max_grad_norm: float) -> torch.Tensor:
         assert self.sq is not None, "no layer with trainable parameters was reached by the backward pass"
@@ -220,6 +219,7 @@ class _Recorder:
 
     def clear(self) -> None:
         self.acts.clear()
+        self.kept.clear()
         self.grads.clear()
         self.sq = None
 
@@ -286,8 +286,8 @@ class BookKeeping(_Summed):
             losses, c = self._record(x, y, masks, keep=lambda m: True, retain_graph=False)
             total += float(losses.detach().sum())
             for m in self.rec.layers:
-                if m in self.rec.grads:
-                    _add(summed, self.rec.ops[m].weighted_sum(m, self.rec.acts[m], self.rec.grads[m], c))
+                if m in self.rec.kept:
+                    _add(summed, self.rec.ops[m].weighted_sum(m, self.rec.kept[m], c))
             self.rec.clear()
         self._finish(summed, masks)
         return total

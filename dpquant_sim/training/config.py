@@ -76,7 +76,7 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0.0, description="per-example clipping norm C")
     accountant: Literal["rdp", "prv"] = "rdp"
     clipping: Literal["hooks", "ghost", "bk", "mixed"] = Field(
-        "bk", description="how per-example clipping is computed (same update, different cost; "
+        "mixed", description="how per-example clipping is computed (same update, different cost; "
         "dpquant_sim.clipping_rules)")
     secure_noise: bool = Field(False, description="draw DP noise and Poisson sampling from OS entropy (never "
                                "written; resumable only from checkpoint.pt) instead of from seed")
