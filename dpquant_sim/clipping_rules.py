@@ -67,3 +67,28 @@ def norm_method(T: int, d: int, p: int, *, algorithm: str = "mixed") -> NormMeth
     from dpquant_sim.errors import ConfigError
 
     raise ConfigError("clipping", algorithm, CLIPPING_ALGORITHMS)
+
+
+NORM_BLOCK_ELEMS: int = 1 << 18
+"""Floor of the transient elements per block of examples when a layer's per-sample norms are computed."""
+
+
+def norm_elems_per_example(T: int, d: int, p: int, method: str, *, conv: bool) -> int:
+    """Transient elements one example needs while a layer's squared norm is computed: the im2col columns and
+    the two Gram matrices (ghost), or the per-sample gradient (materialise; a linear layer's batched GEMM also
+    reads a T x d copy of X and writes the p x d product before it is squared)."""
+    if method == "ghost":
+        return T * d + 2 * T * T
+    return p * d * (1 if conv else 2) + T * d
+
+
+def norm_block_examples(per_example: int, budget: int) -> int:
+    """Examples per block of a layer's norm computation: transient buffers stay under max(budget,
+    NORM_BLOCK_ELEMS) elements, where ``budget`` is the layer's own operand size (B x max(input, output) numel),
+    so a norm never needs more working memory than its operands (an im2col is kh*kw times the input), on top of
+    a small floor that keeps the blocks few.
+
+    >>> norm_block_examples(per_example=1000, budget=10)
+    262
+    """
+    return max(1, max(budget, NORM_BLOCK_ELEMS) // max(per_example, 1))

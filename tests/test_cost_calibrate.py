@@ -101,4 +101,4 @@ def test_measured_table_overrides_the_model_for_exactly_those_gemms():
     res = sweep([s], [{}], [h200], [256])
     from dpquant_sim.cost.model import step_cost
 
-    assert res.roofline_s[0, 0, 0, 0] == pytest.approx(step_cost([s], None, h200, batch=256).roofline_s, rel=1e-12)
+    assert res.roofline_s[0, 0, 0, 0, 0] == pytest.approx(step_cost([s], None, h200, batch=256).roofline_s, rel=1e-12)

@@ -98,12 +98,13 @@ def test_cost_run_matches_scalar_model(tmp_path):
     est = (len(layers) + 1) * t_f / 2
     for e, plan in enumerate(plans):
         row = df[(df["epoch"] == e) & (df["hw"] == "h100_sxm")].iloc[0]
-        sc = step_cost(shapes, plan, h100, batch=100.0, optimizer="momentum")
+        sc = step_cost(shapes, plan, h100, batch=100.0, optimizer="momentum", clipping="hooks")  # an older run
         assert row["time_theoretical_s"] == pytest.approx(10 * sc.theoretical_s + est, rel=1e-9)
         assert row["throughput_theoretical"] == pytest.approx(1000 / row["time_theoretical_s"])
         assert row["energy_j"] == pytest.approx(row["time_roofline_s"] * 700)
         assert row["quantized_flop_share"] == pytest.approx(sc.quantized_flop_share)
-    fp32_epoch = 10 * step_cost(shapes, None, h100, batch=100.0, base="fp32", optimizer="momentum").theoretical_s
+    fp32_epoch = 10 * step_cost(shapes, None, h100, batch=100.0, base="fp32", optimizer="momentum",
+                                clipping="hooks").theoretical_s
     r0 = df[(df["epoch"] == 0) & (df["hw"] == "h100_sxm")].iloc[0]
     assert r0["speedup_vs_fp32_theoretical"] == pytest.approx(fp32_epoch / r0["time_theoretical_s"], rel=1e-9)
 
@@ -174,12 +175,20 @@ def test_cost_mlp_with_a_feature_count_works_as_advertised(capsys):
     code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "64", "--hw", "h100_sxm", "--json")
     assert code == 0
     res = json.loads(out)["results"][0]
+    # the engine's default clipping (mixed; T = 1 everywhere: ghost norms) runs fwd, dgrad (the first layer's
+    # too) and one weighted wgrad per layer
+    assert res["clipping"] == "mixed"
+    assert res["gemm_flops"] == pytest.approx(2 * 256 * (64 * 256 + 256 * 128 + 128 * 10) * 3)
+    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "64", "--hw", "h100_sxm", "--json",
+                        "--dp-algorithm", "hooks")
+    res = json.loads(out)["results"][0]  # Opacus hooks: no first-layer dgrad; per-sample outer products no GEMM
+    assert res["clipping"] == "hooks"
     assert res["gemm_flops"] == pytest.approx(2 * 256 * (64 * 256 + 256 * 128 + 128 * 10) * 3 - 2 * 256 * 64 * 256)
 
 
 def test_cost_devices_table_has_bands_fallbacks_and_dollars(capsys):
     code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "64", "--hw", "h100_sxm,a100_sxm,jetson_agx_orin",
-                        "--devices", "1,8", "--format", "fp4", "--json")
+                        "--devices", "1,8", "--format", "fp4", "--clipping", "hooks", "--json")
     assert code == 0
     res = json.loads(out)
     rows = {(r["hw"], r["devices"]): r for r in res["results"]}
@@ -189,8 +198,9 @@ def test_cost_devices_table_has_bands_fallbacks_and_dollars(capsys):
     assert h["fallbacks"] == {"fp4": "fp8"} and h["dollars"] > 0 and h["allreduce_s"] > 0
     assert h["roofline_low_s"] < h["roofline_s"] < h["roofline_high_s"] and h["band_basis"] == "transferred"
     assert rows[("a100_sxm", 1)]["fallbacks"] == {"fp4": "bf16"}
-    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "64", "--hw", "h100_sxm", "--devices", "1,8")
-    assert code == 0 and "roof band" in out and "runs as" in out and "fp4" not in out  # default fp8 runs natively
+    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "64", "--hw", "h100_sxm", "--devices", "1,8",
+                        "--format", "fp8")
+    assert code == 0 and "roof band" in out and "runs as" in out and "fp4" not in out  # fp8 runs natively
 
 
 def test_sweep_device_axis_collect_and_report_notes(tmp_path):

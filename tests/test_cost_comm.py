@@ -1,6 +1,7 @@
 """Data-parallel cost: all-reduce formulas by hand (ring, tree, hierarchical), the DP rules (clipping local,
-noise once after the reduction, no overlap of the reduction with the backward pass under flat clipping),
-dollars over N devices, device limits, and the vectorized sweep over device counts."""
+noise once after the reduction; under hooks no overlap of the reduction with anything, under book-keeping and
+ghost clipping overlap with the per-layer clipped sums only), dollars over N devices, device limits, and the
+vectorized sweep over device counts."""
 
 from __future__ import annotations
 
@@ -48,12 +49,12 @@ def test_hierarchical_across_nodes_by_hand():
 
 
 def test_dp_step_on_n_devices_by_hand():
-    """Under DP: per-device work on B/N examples (clipping is local), then the whole all-reduce of the fp32
-    clipped sums (it cannot overlap the backward pass: clip factors need every layer's norm), then noise and
-    the optimizer once."""
+    """Under DP with Opacus hooks: per-device work on B/N examples (clipping is local), then the whole
+    all-reduce of the fp32 clipped sums (clip-and-accumulate runs over all per-sample gradients at the step, so
+    nothing overlaps it), then noise and the optimizer once."""
     h = get_profile("h100_sxm")
-    one = step_cost(SHAPES, None, h, batch=32, devices=1)
-    eight = step_cost(SHAPES, None, h, batch=256, devices=8)
+    one = step_cost(SHAPES, None, h, batch=32, devices=1, clipping="hooks")
+    eight = step_cost(SHAPES, None, h, batch=256, devices=8, clipping="hooks")
     ar = allreduce_s(h, 4.0 * P, 8)
     assert eight.allreduce_s == pytest.approx(ar) and eight.allreduce_total_s == pytest.approx(ar)
     assert eight.roofline_s == pytest.approx(one.roofline_s + ar, rel=1e-12)
@@ -64,6 +65,21 @@ def test_dp_step_on_n_devices_by_hand():
     # dollars and energy count every device
     assert eight.energy_j == pytest.approx(eight.roofline_s * 700 * 8)
     assert eight.dollars == pytest.approx(eight.roofline_s * h.price_per_hour.value / 3600 * 8)
+
+
+@pytest.mark.parametrize("clipping", ["bk", "mixed", "ghost"])
+def test_dp_reduction_overlaps_the_clipped_sums(clipping):
+    """Book-keeping's weighted GEMMs and ghost's second backward pass produce the clipped sum layer by layer
+    after every norm is known: the all-reduce overlaps those ('clip' phase), nothing before them."""
+    h = get_profile("h100_sxm")
+    one = step_cost(SHAPES, None, h, batch=32, devices=1, clipping=clipping)
+    eight = step_cost(SHAPES, None, h, batch=256, devices=8, clipping=clipping)
+    df = one.breakdown
+    clip = df.loc[df["phase"] == "clip", "roofline_s"].sum()
+    assert clip > 0 and set(df.loc[df["phase"] == "clip", "op"]) >= {"wgrad"}
+    ar = allreduce_s(h, 4.0 * P, 8)
+    assert eight.allreduce_s == pytest.approx(max(0.0, ar - clip))
+    assert eight.roofline_s == pytest.approx(one.roofline_s + max(0.0, ar - clip), rel=1e-12)
 
 
 def test_non_dp_reduction_overlaps_the_backward_pass():
@@ -90,22 +106,23 @@ def test_sweep_over_devices_equals_scalar(dp):
     profs = list(load_profiles().values())
     plans = [{}, {"0": "fp8"}, {"0": "nvfp4", "2": "fp4"}]
     devices = [1, 8, 64]
-    res = sweep(SHAPES, plans, profs, [64, 512], dp=dp, devices=devices, allreduce="tree")
-    for h, p in enumerate(profs):  # every profile, a random (plan, batch, devices) point each
+    res = sweep(SHAPES, plans, profs, [64, 512], dp=dp, devices=devices, allreduce="tree", clipping="hooks,ghost")
+    for h, p in enumerate(profs):  # every profile, a random (plan, batch, devices, clipping) point each
         for d, nd in enumerate(devices):
             assert res.feasible[h, d] == (nd <= p.max_devices)
             if not res.feasible[h, d]:
                 assert np.isnan(res.roofline_s[:, h, :, d]).all()
         rng = np.random.default_rng(h)
-        i, b = int(rng.integers(len(plans))), int(rng.integers(2))
+        i, b, a = int(rng.integers(len(plans))), int(rng.integers(2)), int(rng.integers(len(res.clipping)))
         d = int(rng.choice(np.nonzero(res.feasible[h])[0]))
-        sc = step_cost(SHAPES, plans[i], p, batch=[64, 512][b], dp=dp, devices=devices[d], allreduce="tree")
-        assert res.roofline_s[i, h, b, d] == pytest.approx(sc.roofline_s, rel=1e-10)
-        assert res.theoretical_s[i, h, b, d] == pytest.approx(sc.theoretical_s, rel=1e-10)
-        assert res.roofline_low_s[i, h, b, d] == pytest.approx(sc.roofline_low_s, rel=1e-10)
-        assert res.memory_bytes[i, b, d] == pytest.approx(sc.memory.total, rel=1e-12)
+        sc = step_cost(SHAPES, plans[i], p, batch=[64, 512][b], dp=dp, devices=devices[d], allreduce="tree",
+                       clipping=res.clipping[a])
+        assert res.roofline_s[i, h, b, d, a] == pytest.approx(sc.roofline_s, rel=1e-10)
+        assert res.theoretical_s[i, h, b, d, a] == pytest.approx(sc.theoretical_s, rel=1e-10)
+        assert res.roofline_low_s[i, h, b, d, a] == pytest.approx(sc.roofline_low_s, rel=1e-10)
+        assert res.memory_bytes[i, b, d, a] == pytest.approx(sc.memory.total, rel=1e-12)
         if sc.dollars is not None:
-            assert res.dollars[i, h, b, d] == pytest.approx(sc.dollars, rel=1e-10)
+            assert res.dollars[i, h, b, d, a] == pytest.approx(sc.dollars, rel=1e-10)
 
 
 def test_pareto_frontier_over_device_count():
@@ -121,9 +138,9 @@ def test_pareto_frontier_over_device_count():
 
 
 def test_clip_cost_names_are_engine_clipping_algorithms():
-    """The cost model's per-layer DP extras are keyed by the engine's algorithm names (hooks today; the
-    others are not costed yet, and a run that used them says so: clipping_run vs clipping_costed)."""
+    """The cost model costs exactly the engine's clipping algorithms, under the same names."""
     from dpquant_sim.clipping_rules import CLIPPING_ALGORITHMS
     from dpquant_sim.cost.clipping import CLIP_COST
+    from dpquant_sim.training.clipping import _CLIPPING
 
-    assert set(CLIP_COST) <= set(CLIPPING_ALGORITHMS) and "hooks" in CLIP_COST
+    assert set(CLIP_COST) == set(CLIPPING_ALGORITHMS) == set(_CLIPPING) - {"none"}

@@ -15,7 +15,7 @@ def _gemm_flops(ops, layer=None):
 
 def test_linear_flops_and_bytes_by_hand():
     (s,) = [x for x in trace_layers(nn.Sequential(nn.Linear(64, 32, bias=False)), (64,))]
-    ops = gemm_layer_ops(s, 8, None, base="bf16", dp=True)
+    ops = gemm_layer_ops(s, 8, None, base="bf16", dp=False)
     # 2 * B * K * N = 2 * 8 * 64 * 32 = 32768 for each of the three GEMMs
     assert _gemm_flops(ops) == {"fwd": 32768, "dgrad": 32768, "wgrad": 32768}
     by = {o.op: o.bytes for o in ops}
@@ -23,15 +23,21 @@ def test_linear_flops_and_bytes_by_hand():
     assert by["fwd"] == 5632
     # dgrad: dy 8*32*2 + W 4096 + dx 8*64*2 = 512 + 4096 + 1024
     assert by["dgrad"] == 5632
-    # wgrad under DP: dy 512 + x 1024 + per-sample grads 8*2048*4 fp32
-    assert by["wgrad"] == 512 + 1024 + 8 * 2048 * 4
+    # wgrad: dy 512 + x 1024 + the fp32 weight gradient 2048*4
+    assert by["wgrad"] == 512 + 1024 + 2048 * 4
     # bf16 base: weight cast from fp32 master: read 2048*4, write 2048*2
     assert by["cast_w"] == 2048 * 6
+    # DP, Opacus hooks: autograd's batch wgrad as above, plus the per-sample outer products dy_i x_i^T
+    # (T = 1: a broadcasting multiply, B*K*N multiplies) written as 8 x 2048 fp32 per-sample gradients
+    hooks = {o.op: o for o in gemm_layer_ops(s, 8, None, base="bf16", dp=True, clipping="hooks")}
+    assert hooks["wgrad"].bytes == by["wgrad"] and hooks["wgrad"].flops == 32768
+    assert hooks["psg_wgrad"].kind == "vector" and hooks["psg_wgrad"].flops == 8 * 64 * 32
+    assert hooks["psg_wgrad"].bytes == 1024 + 512 + 8 * 2048 * 4
 
 
 def test_linear_fp8_bytes_and_scales_by_hand():
     (s,) = trace_layers(nn.Sequential(nn.Linear(64, 32, bias=False)), (64,))
-    ops = {o.op: o for o in gemm_layer_ops(s, 8, "fp8", base="bf16", dp=True)}
+    ops = {o.op: o for o in gemm_layer_ops(s, 8, "fp8", base="bf16", dp=True, clipping="bk")}
     assert {k: o.precision for k, o in ops.items() if o.kind == "gemm"} == {"fwd": "fp8", "dgrad": "fp8", "wgrad": "fp8"}
     # fwd: x 8*64*1 + 8 per-sample fp32 scales; W 2048*1 + 32 per-channel fp32 scales; y 8*32*2 (bf16)
     assert ops["fwd"].bytes == (512 + 32) + (2048 + 128) + 512
@@ -67,20 +73,30 @@ def test_block_scale_bytes_by_hand():
 )
 def test_conv_flops_by_hand(conv, in_shape, fwd):
     (s,) = trace_layers(nn.Sequential(conv), in_shape)
-    ops = gemm_layer_ops(s, 3, None)
+    ops = gemm_layer_ops(s, 3, None, dp=False)
     assert _gemm_flops(ops) == {"fwd": 3 * fwd, "dgrad": 3 * fwd, "wgrad": 3 * fwd}
+    # the per-sample weight gradients (hooks; mixed where it materialises) are B x groups batched GEMMs of the
+    # same total FLOPs
+    psg = [o for o in gemm_layer_ops(s, 3, None, clipping="hooks") if o.op == "psg_wgrad"][0]
+    assert psg.flops == 3 * fwd and psg.dims[3] == 3 * conv.groups
 
 
 def test_small_network_step_by_hand():
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 10))
     shapes = trace_layers(net, (1, 8, 8))
     # conv: M = 8*8 = 64, K = 9, N = 4 -> 4608 per example; linear: 2*64*10 = 1280 per example
-    ops = step_ops(shapes, None, batch=2, dp=True)
+    ops = step_ops(shapes, None, batch=2, dp=False)
     g = [(o.layer, o.op, o.flops) for o in ops if o.kind == "gemm"]
     # the first parametric layer needs no input gradient: conv has fwd + wgrad only
     assert g == [("0", "fwd", 9216), ("0", "wgrad", 9216), ("4", "fwd", 2560), ("4", "dgrad", 2560),
                  ("4", "wgrad", 2560)]
     assert sum(f for *_, f in g) == 2 * (2 * 4608 + 3 * 1280)
+    # DP with Opacus hooks: autograd's GEMMs as above plus the conv's per-sample GEMMs (the linear layer's are
+    # outer products, a vector op)
+    ops = step_ops(shapes, None, batch=2, dp=True, clipping="hooks")
+    g = [(o.layer, o.op, o.flops) for o in ops if o.kind == "gemm"]
+    assert g == [("0", "fwd", 9216), ("0", "wgrad", 9216), ("0", "psg_wgrad", 9216), ("4", "fwd", 2560),
+                 ("4", "dgrad", 2560), ("4", "wgrad", 2560)]
     # DP extras over P = (36 + 4) + (640 + 10) = 690 params, batch 2
     norm = [o for o in ops if o.op == "psg_norm"]
     assert sum(o.flops for o in norm) == 2 * 2 * 690  # square + add per per-sample gradient entry
@@ -96,12 +112,19 @@ def test_memory_fit_by_hand():
     net = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
     shapes = trace_layers(net, (10,))
     P = 10 * 20 + 20 + 20 * 5 + 5  # 325
-    m = memory_bytes(shapes, None, batch=4, base="fp32", dp=True, optimizer="sgd")
-    assert m.per_sample_grads == 4 * 4 * P
+    m = memory_bytes(shapes, None, batch=4, base="fp32", dp=True, optimizer="sgd", clipping="hooks")
+    assert m.clip_held == 4 * 4 * P  # every per-sample gradient, fp32
+    assert m.clip_transient == 0  # no conv: nothing unfolded
     assert m.weights == 4 * P and m.grads == 4 * P and m.optimizer_state == 0
     # saved activations (fp32): linear inputs 4*10 + 4*20, relu output 4*20
     assert m.activations == 4 * (40 + 80 + 80)
     assert m.total == 4 * P * 2 + 4 * 4 * P + 800
+    # book-keeping holds every layer's output gradient instead (4*20 + 4*5 fp32) plus one block of norm
+    # buffers: the largest layer's (T*d + 2*T^2) * B = (20 + 2) * 4 elements, fp32
+    bk = memory_bytes(shapes, None, batch=4, base="fp32", dp=True, optimizer="sgd", clipping="bk")
+    assert bk.clip_held == 4 * (80 + 20)
+    assert bk.clip_transient == 4 * 4 * (20 + 2)
+    assert bk.total == 4 * P * 2 + 800 + bk.clip_held + bk.clip_transient
 
 
 def _gmacs(name, image_size, num_classes):

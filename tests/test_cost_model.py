@@ -80,11 +80,12 @@ def test_memory_bound_gemm_by_hand():
 
 def test_energy_and_dollars_from_roofline_time():
     shapes = trace_layers(nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)), (256,))
-    sc = step_cost(shapes, None, toy_profile(), batch=64)
+    sc = step_cost(shapes, None, toy_profile(), batch=64, clipping="hooks")
     assert sc.energy_j == pytest.approx(sc.roofline_s * 500)
     assert sc.dollars == pytest.approx(sc.roofline_s * 3.6 / 3600)
     assert sc.roofline_s == pytest.approx(sc.breakdown["roofline_s"].sum())
-    assert set(sc.by("op").index) >= {"fwd", "dgrad", "wgrad", "psg_norm", "clip_sum", "noise", "optimizer"}
+    assert set(sc.by("op").index) >= {"fwd", "dgrad", "wgrad", "psg_wgrad", "psg_norm", "clip_sum", "noise",
+                                      "optimizer"}
 
 
 def _net():
@@ -96,8 +97,9 @@ SHAPES = trace_layers(_net(), (3, 8, 8))
 GEMM = [s.name for s in SHAPES if s.is_gemm]  # ['0', '3', '7']
 
 
-def _gemm_time(profile, plan, batch):
-    return sum(op_time(o, profile, "theoretical") for o in step_ops(SHAPES, plan, batch=batch) if o.kind == "gemm")
+def _gemm_time(profile, plan, batch, clipping="mixed", dp=True):
+    return sum(op_time(o, profile, "theoretical")
+               for o in step_ops(SHAPES, plan, batch=batch, clipping=clipping, dp=dp) if o.kind == "gemm")
 
 
 def test_a100_fp8_runs_at_bf16_rate_and_h100_fp4_at_fp8_rate():
@@ -111,25 +113,43 @@ def test_a100_fp8_runs_at_bf16_rate_and_h100_fp4_at_fp8_rate():
     assert set(df.loc[df["kind"] == "gemm", "runs_as"]) == {"bf16"}
 
 
-def test_paper_formula_reproduced_exactly():
+# GEMM FLOPs per example of SHAPES by hand, per clipping algorithm. conv0: T = 64, d = 27, p = 8 (the first
+# parametric layer); conv3: T = 64, d = 72, p = 8; fc: T = 1, d = 8, p = 10. The forward GEMM of each:
+F0, F3, F7 = 2 * 64 * 27 * 8, 2 * 64 * 72 * 8, 2 * 8 * 10
+GRAM0, GRAM3 = 2 * 64 * 64 * (27 + 8), 2 * 64 * 64 * (72 + 8)  # X X^T and dY dY^T of one example
+HAND_GEMM_FLOPS = {
+    None: (2 * F0, 3 * F3, 3 * F7),  # no DP: fwd, (dgrad), wgrad; the first layer has no dgrad
+    # autograd's GEMMs plus the per-sample conv GEMMs (the fc's are outer products, not GEMMs)
+    "hooks": (3 * F0, 4 * F3, 3 * F7),
+    # fwd, dgrad (the first layer's too: the gradient is taken w.r.t. the input), weighted wgrad, Gram matrices
+    "bk": (3 * F0 + GRAM0, 3 * F3 + GRAM3, 3 * F7),
+    # per layer: 2 T^2 = 8192 >= p d for both convs -> materialised per-sample GEMM; the fc (T = 1) -> ghost
+    "mixed": (4 * F0, 4 * F3, 3 * F7),
+    # pass 1 as bk, pass 2 dgrad (not the first layer) and wgrad
+    "ghost": (3 * F0 + GRAM0, 4 * F3 + GRAM3, 4 * F7),
+}
+
+
+@pytest.mark.parametrize("clipping", list(HAND_GEMM_FLOPS))
+def test_paper_formula_reproduced_exactly(clipping):
     """Quantized GEMMs 4x faster (toy fp8 = 400 vs bf16 = 100), everything else unchanged:
-    T = T_est + (1 - p + p/4)(T_train - T_other) + T_other with p the quantized share of GEMM FLOPs."""
+    T = T_est + (1 - p + p/4)(T_train - T_other) + T_other with p the quantized share of GEMM FLOPs, under
+    every clipping algorithm (and without DP)."""
     p = toy_profile()
     B = 16
-    # hand-counted GEMM FLOPs per example: conv0 2*64*27*8, conv3 2*64*72*8, fc 2*8*10
-    f0, f3, f7 = 2 * 64 * 27 * 8, 2 * 64 * 72 * 8, 2 * 8 * 10
-    # conv0 is the first parametric layer: no dgrad; the others run 3 GEMMs
-    gemm_flops = {"0": 2 * B * f0, "3": 3 * B * f3, "7": 3 * B * f7}
+    kw = dict(dp=clipping is not None, clipping=clipping or "mixed")
+    gemm_flops = {n: B * f for n, f in zip(GEMM, HAND_GEMM_FLOPS[clipping])}
     t_gemm = sum(gemm_flops.values()) / 100e12
-    t_train = step_cost(SHAPES, None, p, batch=B).theoretical_s
+    assert _gemm_time(p, None, B, kw["clipping"], kw["dp"]) == pytest.approx(t_gemm, rel=1e-12)
+    t_train = step_cost(SHAPES, None, p, batch=B, **kw).theoretical_s
     t_other = t_train - t_gemm
     assert 0 < t_other < t_train
     t_est = 1.5e-6
     for plan in ({"3": "fp8"}, {"0": "fp8", "7": "fp8"}, {n: "fp8" for n in GEMM}):
         share = sum(gemm_flops[n] for n in plan) / sum(gemm_flops.values())
-        got = step_cost(SHAPES, plan, p, batch=B, overhead_s=t_est).theoretical_s
+        got = step_cost(SHAPES, plan, p, batch=B, overhead_s=t_est, **kw).theoretical_s
         assert got == pytest.approx(paper_formula(t_train, t_other, share, t_est), rel=1e-12)
-        assert step_cost(SHAPES, plan, p, batch=B).quantized_flop_share == pytest.approx(share, rel=1e-12)
+        assert step_cost(SHAPES, plan, p, batch=B, **kw).quantized_flop_share == pytest.approx(share, rel=1e-12)
     # the inverse: 2.21x with no other work needs 73% of the GEMM time quantized
     assert share_for_speedup(2.21, 1.0, 0.0) == pytest.approx((1 - 1 / 2.21) / 0.75)
 
@@ -165,10 +185,13 @@ def test_memory_feasibility_flags_per_sample_gradients():
 
     shapes = trace_layers(build_model("resnet18", in_channels=3, num_classes=10, image_size=32), (3, 32, 32))
     l4 = get_profile("l4")  # 24 GB
-    assert step_cost(shapes, None, l4, batch=64).memory.fits
-    big = step_cost(shapes, None, l4, batch=1024)  # 1024 x 11.2M x 4 B = 46 GB of per-sample gradients
-    assert not big.memory.fits and big.memory.per_sample_grads > 24e9
+    assert step_cost(shapes, None, l4, batch=64, clipping="hooks").memory.fits
+    big = step_cost(shapes, None, l4, batch=1024, clipping="hooks")  # 1024 x 11.2M x 4 B = 46 GB per-sample
+    assert not big.memory.fits and big.memory.clip_held > 24e9
     assert step_cost(shapes, None, l4, batch=1024, dp=False).memory.fits
+    for algo in ("ghost", "bk", "mixed"):  # no per-sample gradients held: output gradients at most
+        m = step_cost(shapes, None, l4, batch=1024, clipping=algo).memory
+        assert m.fits and m.clip_held < m.activations
 
 
 def test_bad_plan_layer_is_one_error():
@@ -182,21 +205,27 @@ def test_bad_plan_layer_is_one_error():
 
 @pytest.mark.parametrize("dp,base,opt", [(True, "bf16", "sgd"), (False, "fp32", "adam"), (True, "fp16", "momentum")])
 def test_vectorized_sweep_equals_scalar_model(dp, base, opt):
+    from dpquant_sim.clipping_rules import CLIPPING_ALGORITHMS
+
     rng = np.random.default_rng(0)
     recipes = ["fp8", "fp4", "mxfp8", "nvfp4", "int8", "fp6"]
     plans = [{n: str(rng.choice(recipes)) for n in GEMM if rng.random() < 0.6} for _ in range(12)]
     profs = list(load_profiles().values())
     batches = [1, 37, 256]
-    res = sweep(SHAPES, plans, profs, batches, base=base, dp=dp, optimizer=opt)
+    res = sweep(SHAPES, plans, profs, batches, base=base, dp=dp, optimizer=opt, clipping="all")
+    assert res.clipping == (CLIPPING_ALGORITHMS if dp else CLIPPING_ALGORITHMS[:1])
     for _ in range(25):
         i, h, b = rng.integers(len(plans)), rng.integers(len(profs)), rng.integers(len(batches))
-        sc = step_cost(SHAPES, plans[i], profs[h], batch=batches[b], base=base, dp=dp, optimizer=opt)
-        assert res.roofline_s[i, h, b] == pytest.approx(sc.roofline_s, rel=1e-10)
-        assert res.theoretical_s[i, h, b] == pytest.approx(sc.theoretical_s, rel=1e-10)
-        assert res.memory_bytes[i, b] == pytest.approx(sc.memory.total, rel=1e-12)
-        assert res.fits[i, h, b] == sc.memory.fits
-        assert res.quantized_flop_share[i, b] == pytest.approx(sc.quantized_flop_share, rel=1e-12, abs=1e-15)
+        a = rng.integers(len(res.clipping))
+        sc = step_cost(SHAPES, plans[i], profs[h], batch=batches[b], base=base, dp=dp, optimizer=opt,
+                       clipping=res.clipping[a])
+        assert res.roofline_s[i, h, b, 0, a] == pytest.approx(sc.roofline_s, rel=1e-10)
+        assert res.theoretical_s[i, h, b, 0, a] == pytest.approx(sc.theoretical_s, rel=1e-10)
+        assert res.memory_bytes[i, b, 0, a] == pytest.approx(sc.memory.total, rel=1e-12)
+        assert res.fits[i, h, b, 0, a] == sc.memory.fits
+        assert res.quantized_flop_share[i, b, a] == pytest.approx(sc.quantized_flop_share, rel=1e-12, abs=1e-15)
         if sc.energy_j is not None:
-            assert res.energy_j[i, h, b] == pytest.approx(sc.energy_j, rel=1e-10)
+            assert res.energy_j[i, h, b, 0, a] == pytest.approx(sc.energy_j, rel=1e-10)
     df = res.to_frame()
-    assert len(df) == len(plans) * len(profs) * len(batches)
+    assert len(df) == len(plans) * len(profs) * len(batches) * len(res.clipping)
+    assert set(df["clipping"]) == set(res.clipping)

@@ -1,12 +1,17 @@
 """``dpquant-sim cost``: time, throughput, speedup, energy and memory of a schedule on accelerators.
 
-From a model and input shape::
+From a model and input shape, per accelerator, format and DP clipping algorithm::
 
     dpquant-sim cost --model resnet18 --input 3x32x32 --batch 256 --hw h100_sxm --schedule static-all --format fp8
+    dpquant-sim cost --model resnet18 --input 3x32x32 --batch 256 --hw all --clipping all
 
-or from a finished run directory (per-epoch plans from its metrics.csv)::
+or from a finished run directory (per-epoch plans from its metrics.csv; costed under the run's own clipping
+algorithm unless ``--clipping`` names others)::
 
     dpquant-sim cost --run runs/r1 --hw all --json
+
+``--clipping`` (the engine's name: ``train --clipping``, run_info.json's ``clipping``) has the alias
+``--dp-algorithm``.
 """
 
 from __future__ import annotations
@@ -76,6 +81,15 @@ def make_plan(shapes, schedule: str, recipe: str, budget: Optional[float], seed:
     return sched.plan(ctx)
 
 
+def _parse_formats(items: List[str]) -> list[str]:
+    from dpquant_sim.nn.config import get_recipe
+
+    out = [f.strip() for item in items for f in item.split(",") if f.strip()]
+    for f in out:
+        get_recipe(f)  # one ConfigError naming the recipe
+    return list(dict.fromkeys(out)) or ["fp8"]
+
+
 def _parse_devices(items: List[str]) -> list[int]:
     out: list[int] = []
     for item in items:
@@ -109,7 +123,11 @@ def cost(
                                       "is split over them; gradients all-reduced over the profile's interconnect)"),
     allreduce: str = typer.Option("ring", help="all-reduce algorithm: ring or tree"),
     schedule: str = typer.Option("static-all", help="fp32, static-all, static-subset, random"),
-    fmt: str = typer.Option("fp8", "--format", help="recipe of quantized layers (fp8, fp4, mxfp8, nvfp4, int8, ...)"),
+    fmt: List[str] = typer.Option(["fp8,fp4"], "--format", help="recipe(s) of quantized layers, comma-separated or "
+                                  "repeated (fp8, fp4, mxfp8, nvfp4, int8, ...)"),
+    clipping: Optional[List[str]] = typer.Option(
+        None, "--clipping", "--dp-algorithm", help="DP clipping algorithm(s): hooks, ghost, bk, mixed or all, "
+        "comma-separated or repeated (default: the engine's default, mixed; with --run: the run's own)"),
     budget: Optional[float] = typer.Option(None, help="quantized FLOP share for static-subset/random (0,1]"),
     seed: int = typer.Option(0, help="seed of a random schedule's draw"),
     base: str = typer.Option("bf16", help="precision of unquantized layers: fp32, tf32, bf16, fp16"),
@@ -138,16 +156,17 @@ def cost(
             raise ConfigError("--run", str(run), "either --run or --model/--input, not both")
         from dpquant_sim.cost.run import cost_run, run_plans
 
-        df = cost_run(run, profs, base=base, hw_dirs=hw_dir or (), devices=devs, allreduce=allreduce)
+        df = cost_run(run, profs, base=base, hw_dirs=hw_dir or (), devices=devs, allreduce=allreduce,
+                      clipping=_parse_clipping(clipping) if clipping else None)
         if as_json:
             typer.echo(json.dumps({"run": str(run), "plans": [pl.to_dict() for pl in run_plans(run)],
                                    "results": json.loads(df.to_json(orient="records"))}, indent=2, default=str))
         else:
-            _table(df, ["epoch", "hw", "devices", "steps", "quantized_flop_share", "time_theoretical_s",
+            _table(df, ["epoch", "hw", "devices", "clipping_costed", "steps", "quantized_flop_share", "time_theoretical_s",
                         "time_roofline_s", "roof band", "band_basis", "speedup_vs_fp32_theoretical",
                         "speedup_vs_bf16_theoretical", "speedup_vs_bf16_roofline", "fallbacks", "energy_j", "dollars",
-                        "fits"],
-                   f"run {run} (seconds per epoch)")
+                        "memory_gb", "fits"],
+                   f"run {run} (seconds per epoch; clipping used: {df['clipping_run'].iloc[0] if len(df) else '-'})")
             typer.echo(SPEEDUP_NOTE)
         return
     if not model or not input:
@@ -155,9 +174,10 @@ def cost(
     for b in batch:
         if not (b > 0 and math.isfinite(b)):
             raise ConfigError("--batch", b, "a positive number of examples per step")
+    from dpquant_sim.clipping_rules import DEFAULT_CLIPPING
     from dpquant_sim.cost.flops import BASES, OPTIMIZERS
     from dpquant_sim.cost.model import estimate, format_fallbacks
-    from dpquant_sim.cost.run import build_shapes, check_input_shape
+    from dpquant_sim.cost.run import build_shapes, check_input_shape, point_rows
 
     if base not in BASES:
         raise ConfigError("--base", base, BASES)
@@ -166,46 +186,87 @@ def cost(
     if budget is not None and not 0 < budget <= 1:
         raise ConfigError("--budget", budget, "a share in (0, 1]")
     dims = check_input_shape(model, _parse_input(input), "--input") if model else _parse_input(input)
+    formats = _parse_formats(fmt)
+    algos = _parse_clipping(clipping) if dp else ("none",)
     shapes = build_shapes(model, dims, num_classes)
-    plan = make_plan(shapes, schedule, fmt, budget, seed)
-    rows, ests = [], []
-    for p in profs:
-        for nd in devs:
-            if nd > p.max_devices:
-                continue  # reported below the table
-            for b in batch:
-                e = estimate(shapes, plan, p, batch=b, base=base, dp=dp, optimizer=optimizer, devices=nd,
-                             allreduce=allreduce)
-                ests.append(e)
-                rows.append({"model": model, "input": input, "schedule": schedule, "format": fmt, **e.summary()})
+    if schedule == "fp32":
+        formats = formats[:1]  # nothing is quantized: one plan
+    plans = {f: make_plan(shapes, schedule, f, budget, seed) for f in formats}
+    rows = point_rows(shapes, plans, profs, batch, devs, algos if dp else (DEFAULT_CLIPPING,), base=base, dp=dp,
+                      optimizer=optimizer, allreduce=allreduce)
+    for r in rows:
+        r.update({"model": model, "input": input, "schedule": schedule,
+                  "format": r["format"] if schedule != "fp32" else "-"})
     skipped = [f"{p.name} x{d}" for p in profs for d in devs if d > p.max_devices]
     if as_json:
-        typer.echo(json.dumps({"plan": plan.to_dict(), "results": rows, "skipped": skipped}, indent=2, default=str))
+        typer.echo(json.dumps({"plans": {f: pl.to_dict() for f, pl in plans.items()}, "results": rows,
+                               "skipped": skipped}, indent=2, default=str))
         return
     import pandas as pd
 
     df = pd.DataFrame(rows)
     df["fallbacks"] = [format_fallbacks(f) for f in df["fallbacks"]]
-    _table(df, ["hw", "devices", "batch", "quantized_flop_share", "theoretical_s", "roofline_s", "roof band",
-                "band_basis", "allreduce_s", "speedup_vs_fp32_theoretical", "speedup_vs_bf16_theoretical",
-                "speedup_vs_bf16_roofline", "fallbacks", "energy_j", "dollars", "fits"],
-           f"{model} {input} {schedule} {fmt} ({'DP' if dp else 'non-DP'}, base {base}; seconds per step)")
+    _table(df, ["hw", "devices", "batch", "clipping", "format", "quantized_flop_share", "theoretical_s", "roofline_s",
+                "roof band", "band_basis", "allreduce_s", "speedup_vs_fp32_theoretical", "speedup_vs_bf16_theoretical",
+                "speedup_vs_bf16_roofline", "fallbacks", "energy_j", "dollars", "memory_gb", "fits"],
+           f"{model} {input} {schedule} ({'DP' if dp else 'non-DP'}, base {base}; seconds per step)")
     typer.echo(SPEEDUP_NOTE)
+    if len(algos) * len(plans) > 1:
+        _speedup_matrix(df)
     if skipped:
         typer.echo(f"not shown (more devices than the interconnect reaches): {', '.join(skipped)}")
-    if breakdown and ests:
+    if breakdown and rows:
         from rich.console import Console
 
-        st = ests[0].step
-        Console(width=160).print(f"breakdown on {st.profile} x{st.devices}, batch {st.batch:g} (seconds):")
+        r0 = rows[0]
+        st = estimate(shapes, plans[formats[0]], profs[0], batch=r0["batch"], base=base, dp=dp, optimizer=optimizer,
+                      devices=r0["devices"], allreduce=allreduce, clipping=algos[0] if dp else DEFAULT_CLIPPING).step
+        Console(width=160).print(f"breakdown on {st.profile} x{st.devices}, batch {st.batch:g}, clipping "
+                                 f"{st.clipping or 'none'} (seconds):")
         Console(width=160).print(st.breakdown.groupby(["op", "runs_as"])[["theoretical_s", "roofline_s"]].sum()
                                  .sort_values("roofline_s", ascending=False).to_string())
+
+
+def _parse_clipping(items) -> tuple[str, ...]:
+    from dpquant_sim.cost.clipping import parse_clipping
+
+    return parse_clipping(list(items) if items else None, "--clipping")
+
+
+def _speedup_matrix(df) -> None:
+    """One line per (hw, devices, batch): speedup over the same step in bf16, 'theoretical/roofline', per
+    (format, clipping algorithm); '!' marks a step that does not fit the device memory."""
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = [k for k in ("devices", "batch") if df[k].nunique() > 1]
+    cols = list(dict.fromkeys(zip(df["format"], df["clipping"])))
+    t = Table(title="speedup over bf16 (theoretical / roofline) per format and clipping algorithm")
+    for c in ["hw", *keys]:
+        t.add_column(_SHORT.get(c, c), justify="left" if c == "hw" else "right")
+    for f, a in cols:
+        t.add_column(f"{f} {a}", justify="right")
+    for key, g in df.groupby(["hw", *keys], sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        cells = [str(k) if not isinstance(k, float) else f"{k:g}" for k in key]
+        for f, a in cols:
+            r = g[(g["format"] == f) & (g["clipping"] == a)]
+            if r.empty:
+                cells.append("-")
+                continue
+            r = r.iloc[0]
+            fit = "" if r["fits"] in (True, None) or r["fits"] != r["fits"] else " !"
+            cells.append(f"{r['speedup_vs_bf16_theoretical']:.2f} / {r['speedup_vs_bf16_roofline']:.2f}{fit}")
+        t.add_row(*cells)
+    Console(width=220).print(t)
+    typer.echo("! = does not fit the device memory at this batch (per-device working set above capacity).")
 
 
 _SHORT = {"devices": "dev", "band_basis": "band from", "quantized_flop_share": "q share", "theoretical_s": "theo s",
           "roofline_s": "roof s", "allreduce_s": "all-red s",
           "throughput_roofline": "ex/s roof", "time_theoretical_s": "theo s", "time_roofline_s": "roof s",
-          "fallbacks": "runs as", "energy_j": "J", "dollars": "$", "memory_gb": "mem GB"}
+          "fallbacks": "runs as", "energy_j": "J", "dollars": "$", "memory_gb": "mem GB",
+          "clipping_costed": "clipping"}
 
 
 def _table(df, cols, title: str) -> None:

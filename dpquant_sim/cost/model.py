@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import pandas as pd
 
+from dpquant_sim.clipping_rules import DEFAULT_CLIPPING
+from dpquant_sim.cost.clipping import overlap_phase
 from dpquant_sim.cost.comm import allreduce_s, check_devices, exposed_allreduce_s
 from dpquant_sim.cost.flops import MemoryFit, Op, memory_bytes, plan_mapping, step_ops
 from dpquant_sim.cost.gemm import get_tile_family, kernel_seconds
@@ -132,6 +134,7 @@ class StepCost:
     roofline_high_s: float = 0.0
     band_basis: str = "generic"
     fallbacks: dict = field(default_factory=dict, compare=False)
+    clipping: str | None = None  # the DP clipping algorithm costed (None without DP)
 
     def time_s(self, mode: str) -> float:
         if mode not in MODES:
@@ -171,7 +174,7 @@ class CostEstimate:
         """Flat JSON-friendly dict of the headline numbers."""
         s = self.step
         return {
-            "hw": s.profile, "devices": s.devices, "batch": s.batch, "base": s.base,
+            "hw": s.profile, "devices": s.devices, "batch": s.batch, "base": s.base, "clipping": s.clipping,
             "theoretical_s": s.theoretical_s, "roofline_s": s.roofline_s,
             "roofline_low_s": s.roofline_low_s, "roofline_high_s": s.roofline_high_s, "band_basis": s.band_basis,
             "allreduce_s": s.allreduce_s,
@@ -204,23 +207,22 @@ def breakdown_frame(ops: Sequence[Op], profile: HardwareProfile) -> pd.DataFrame
 
 def step_cost(shapes: Sequence[LayerShape], plan: Any, profile: HardwareProfile, *, batch: float,
               base: str = "bf16", dp: bool = True, optimizer: str = "sgd", overhead_s: float = 0.0,
-              devices: int = 1, allreduce: str = "ring", clipping: str = "hooks") -> StepCost:
+              devices: int = 1, allreduce: str = "ring", clipping: str = DEFAULT_CLIPPING) -> StepCost:
     """Cost of one step of ``batch`` examples over ``devices`` data-parallel devices (batch / devices each).
 
     ``overhead_s`` adds a fixed time to both estimates (e.g. an amortized estimator). The theoretical estimate
-    has no communication term (peak FLOP rates only); the roofline adds the exposed all-reduce.
+    has no communication term (peak FLOP rates only); the roofline adds the exposed all-reduce. ``clipping``:
+    the DP clipping algorithm (``dpquant_sim.clipping_rules.CLIPPING_ALGORITHMS``; default the engine's).
     """
-    from dpquant_sim.cost.clipping import get_clip_cost
-
     check_devices(profile, devices)
     ops = step_ops(shapes, plan, batch=batch / devices, base=base, dp=dp, optimizer=optimizer, clipping=clipping)
     df = breakdown_frame(ops, profile)
     theo = math.fsum(df["theoretical_s"]) + overhead_s
     roof = math.fsum(df["roofline_s"]) + overhead_s
     t_ar = allreduce_s(profile, GRAD_BYTES * sum(s.params for s in shapes), devices, allreduce)
-    t_bwd = math.fsum(df.loc[df["phase"] == "bwd", "roofline_s"])
-    overlap = not (dp and get_clip_cost(clipping).full_backward_before_clip)
-    exposed = exposed_allreduce_s(t_ar, t_bwd, overlap_backward=overlap)
+    phase = overlap_phase(dp, clipping)
+    t_overlap = math.fsum(df.loc[df["phase"] == phase, "roofline_s"]) if phase else 0.0
+    exposed = exposed_allreduce_s(t_ar, t_overlap, overlap_backward=phase is not None)
     roof += exposed
     gemm = df[df["kind"] == "gemm"]
     gf = float(gemm["flops"].sum()) * devices
@@ -231,16 +233,17 @@ def step_cost(shapes: Sequence[LayerShape], plan: Any, profile: HardwareProfile,
     lo, hi = band_times(roof, profile)
     return StepCost(profile.name, batch, base, theo, roof, gf, qf / gf if gf else 0.0, mem,
                     None if tdp is None else roof * tdp * devices, None if price is None else roof * price * devices,
-                    df, devices, exposed, t_ar, lo, hi, profile.error_band[2], fallbacks(ops, profile))
+                    df, devices, exposed, t_ar, lo, hi, profile.error_band[2], fallbacks(ops, profile),
+                    clipping if dp else None)
 
 
 def estimate(shapes: Sequence[LayerShape], plan: Any, profile: HardwareProfile, *, batch: float,
              base: str = "bf16", dp: bool = True, optimizer: str = "sgd", overhead_s: float = 0.0,
-             devices: int = 1, allreduce: str = "ring", clipping: str = "hooks") -> CostEstimate:
+             devices: int = 1, allreduce: str = "ring", clipping: str = DEFAULT_CLIPPING) -> CostEstimate:
     """Step cost of ``plan`` (EpochPlan or {layer: recipe}; others at ``base``) with fp32 and bf16 baselines.
 
-    The baselines run every layer in fp32 (resp. bf16) with the same batch, devices, DP setting and optimizer,
-    and the same ``overhead_s`` (so speedups compare like with like).
+    The baselines run every layer in fp32 (resp. bf16) with the same batch, devices, DP setting, clipping
+    algorithm and optimizer, and the same ``overhead_s`` (so speedups compare like with like).
     """
     plan_mapping(plan, shapes)  # validate layer names once, early
     kw = dict(batch=batch, dp=dp, optimizer=optimizer, overhead_s=overhead_s, devices=devices, allreduce=allreduce,

@@ -7,10 +7,14 @@ rebuilt from its name (no weights are read) and traced once; all epochs x accele
 the vectorized sweep. Under a ``dpquant`` schedule the sensitivity estimator's forward passes are added as
 T_est (every ``interval`` epochs: a Poisson sample of ``sample_rate * n_train`` examples, L + 1 forwards).
 
-Example: ``cost_run("runs/r1", ["h100_sxm", "b200"], devices=[1, 8])`` -> DataFrame with columns epoch, hw,
-devices, steps, batch, time_theoretical_s, time_roofline_s (per epoch) with time_roofline_low_s/high_s (the
-profile's error band), throughput_* (samples/s), speedup_vs_{fp32,bf16}_*, energy_j and dollars (all
-devices), fallbacks, quantized_flop_share, memory_gb (per device), fits.
+The run is costed under the clipping algorithm it used (run_info.json's ``clipping``), or under others on
+request (every exact algorithm computes the same update, so costing a finished run under another is exact).
+
+Example: ``cost_run("runs/r1", ["h100_sxm", "b200"], devices=[1, 8], clipping="all")`` -> DataFrame with
+columns epoch, hw, devices, clipping_run, clipping_costed, steps, batch, time_theoretical_s, time_roofline_s
+(per epoch) with time_roofline_low_s/high_s (the profile's error band), throughput_* (samples/s),
+speedup_vs_{fp32,bf16}_*, energy_j and dollars (all devices), fallbacks, quantized_flop_share, memory_gb (per
+device), fits.
 """
 
 from __future__ import annotations
@@ -121,16 +125,86 @@ def run_plans(run_dir: str | Path) -> list[EpochPlan]:
             for i, s in enumerate(metrics["plan"])]
 
 
+def point_rows(shapes, plans: dict[str, Any], profiles: Sequence[HardwareProfile], batches: Sequence[float],
+               devices: Sequence[int], clipping: Sequence[str], *, base: str = "bf16", dp: bool = True,
+               optimizer: str = "sgd", allreduce: str = "ring") -> list[dict[str, Any]]:
+    """One row per (profile, devices, batch, clipping algorithm, plan) with the fields of
+    :meth:`~dpquant_sim.cost.model.CostEstimate.summary` plus ``format`` (the plan's key), from three vectorised
+    sweeps (the plans, all-fp32 and all-bf16 baselines under the same algorithm). Device counts beyond a
+    profile's interconnect are left out."""
+
+    keys, plan_list = list(plans), list(plans.values())
+    kw = dict(dp=dp, optimizer=optimizer, devices=tuple(devices), allreduce=allreduce, clipping=tuple(clipping))
+    res = sweep(shapes, plan_list, profiles, list(batches), base=base, **kw)
+    b32 = sweep(shapes, [{}], profiles, list(batches), base="fp32", **kw)
+    b16 = sweep(shapes, [{}], profiles, list(batches), base="bf16", **kw)
+    per_plan = {}  # (plan, algorithm) -> (GEMM FLOPs per example, fallbacks per profile); both batch-independent
+    for i, plan in enumerate(plan_list):
+        for a, algo in enumerate(res.clipping):
+            ops = step_ops(shapes, plan, batch=1.0, base=base, dp=dp, clipping=algo)
+            per_plan[i, a] = (math.fsum(o.flops for o in ops if o.kind == "gemm"),
+                              [fallbacks(ops, p) for p in profiles])
+    rows = []
+    for h, p in enumerate(profiles):
+        lo_b, hi_b, basis = p.error_band
+        for d, nd in enumerate(res.devices):
+            if not res.feasible[h, d]:
+                continue
+            for b, batch in enumerate(res.batches):
+                for a, algo in enumerate(res.clipping):
+                    for i, key in enumerate(keys):
+                        theo, roof = res.theoretical_s[i, h, b, d, a], res.roofline_s[i, h, b, d, a]
+                        mem = res.memory_bytes[i, b, d, a]
+                        flops1, fb = per_plan[i, a]
+                        rows.append({
+                            "hw": p.name, "devices": nd, "batch": batch, "base": base,
+                            "clipping": algo if dp else None, "format": key,
+                            "theoretical_s": theo, "roofline_s": roof,
+                            "roofline_low_s": res.roofline_low_s[i, h, b, d, a],
+                            "roofline_high_s": res.roofline_high_s[i, h, b, d, a], "band_basis": basis,
+                            "allreduce_s": res.allreduce_s[i, h, b, d, a],
+                            "throughput_theoretical": batch / theo, "throughput_roofline": batch / roof,
+                            "speedup_vs_fp32_theoretical": b32.theoretical_s[0, h, b, d, a] / theo,
+                            "speedup_vs_fp32_roofline": b32.roofline_s[0, h, b, d, a] / roof,
+                            "speedup_vs_bf16_theoretical": b16.theoretical_s[0, h, b, d, a] / theo,
+                            "speedup_vs_bf16_roofline": b16.roofline_s[0, h, b, d, a] / roof,
+                            "quantized_flop_share": res.quantized_flop_share[i, b, a], "gemm_flops": flops1 * batch,
+                            "fallbacks": fb[h],
+                            "energy_j": None if p.tdp_w is None else float(res.energy_j[i, h, b, d, a]),
+                            "dollars": None if p.price_usd_per_s is None else float(res.dollars[i, h, b, d, a]),
+                            "memory_gb": mem / 1e9,
+                            "capacity_gb": None if p.capacity_bytes is None else p.capacity_bytes / 1e9,
+                            "fits": None if p.capacity_bytes is None else bool(mem <= p.capacity_bytes),
+                        })
+    return rows
+
+
+def run_clipping(info: dict, cfg: dict) -> str | None:
+    """The clipping algorithm a run used: run_info.json's ``clipping`` (None for a non-private run), else
+    config.yaml's, else ``hooks`` (runs written before the engine had other algorithms used Opacus hooks)."""
+    if "clipping" in info:
+        return info["clipping"]
+    if not bool(cfg.get("private", info.get("private", True))):
+        return None
+    return str(cfg.get("clipping", "hooks"))
+
+
 def cost_run(run_dir: str | Path, profiles: Iterable[str | HardwareProfile] | None = None, *, base: str = "bf16",
              hw_dirs: Iterable[str | Path] = (), devices: Sequence[int] = (1,),
-             allreduce: str = "ring") -> pd.DataFrame:
-    """Per-epoch, per-accelerator (and device count) time, throughput, speedups, energy and dollars of a run.
+             allreduce: str = "ring", clipping: str | Sequence[str] | None = None) -> pd.DataFrame:
+    """Per-epoch, per-accelerator (and device count, and clipping algorithm) time, throughput, speedups, energy
+    and dollars of a run.
 
     ``profiles``: names or HardwareProfile objects (None: every known profile). ``base``: precision of
     layers the plan leaves unquantized. Speedups compare with the same run entirely in fp32 / bf16 on the
-    same devices. ``devices``: data-parallel device counts (the run's batch is split over them); counts beyond
-    a profile's interconnect are left out.
+    same devices under the same clipping algorithm. ``devices``: data-parallel device counts (the run's batch is
+    split over them); counts beyond a profile's interconnect are left out. ``clipping``: the DP clipping
+    algorithm(s) to cost the run under (None: the one it used, :func:`run_clipping`; 'all' or names: each, a
+    what-if that is exact because every algorithm computes the same update). Columns ``clipping_run`` and
+    ``clipping_costed`` say which is which ('none' for a non-private run).
     """
+    from dpquant_sim.cost.clipping import parse_clipping
+
     run_dir = Path(run_dir)
     info, cfg, metrics = _read_run(run_dir)
     known = load_profiles(hw_dirs)
@@ -149,18 +223,21 @@ def cost_run(run_dir: str | Path, profiles: Iterable[str | HardwareProfile] | No
     batch = float(info.get("batch_size") or info["sample_rate"] * info["n_train"])
     dp = bool(cfg.get("private", info.get("private", True)))
     opt = _optimizer(cfg)
-    # The engine's clipping algorithm of the run; the cost model has per-layer costs for `hooks` only so far
-    # (dpquant_sim.cost.clipping), so every run is costed as hooks and the table says which was costed.
-    run_clipping = str(cfg.get("clipping", "hooks")) if dp else "none"
+    used = run_clipping(info, cfg) if dp else None
+    algos = parse_clipping(used if clipping is None else clipping, "clipping") if dp else parse_clipping(None)
     plans = [EpochPlan.from_json(s) if isinstance(s, str) and s.strip() else EpochPlan(epoch=i)
              for i, s in enumerate(metrics["plan"])]
     steps = _steps(info, metrics)
-    kw = dict(dp=dp, optimizer=opt, devices=tuple(devices), allreduce=allreduce)
+    kw = dict(dp=dp, optimizer=opt, devices=tuple(devices), allreduce=allreduce, clipping=algos)
     res = sweep(shapes, plans, profs, [batch], base=base, **kw)
     b32 = sweep(shapes, [{}], profs, [batch], base="fp32", **kw)
     b16 = sweep(shapes, [{}], profs, [batch], base="bf16", **kw)
-    fb = [format_fallbacks(fallbacks(step_ops(shapes, plan, batch=batch, base=base, dp=dp), p))
-          for plan in plans for p in profs]
+    fb = {}  # requested -> running precision per (plan, profile, algorithm); the op list is profile-independent
+    for e, plan in enumerate(plans):
+        for a, algo in enumerate(res.clipping):
+            ops = step_ops(shapes, plan, batch=batch, base=base, dp=dp, clipping=algo)
+            for h, p in enumerate(profs):
+                fb[e, h, a] = format_fallbacks(fallbacks(ops, p))
     # DPQuant's estimator: every `interval` epochs, (L + 1) forwards over a Poisson sample of the private data
     sched = cfg.get("schedule") or {}
     est_theo = np.zeros(len(profs))
@@ -179,28 +256,29 @@ def cost_run(run_dir: str | Path, profiles: Iterable[str | HardwareProfile] | No
             for d, nd in enumerate(res.devices):
                 if not res.feasible[h, d]:
                     continue
-                n = steps[e]
-                # the estimator's forwards run on one device's share of the sample
-                e_t, e_r = est_theo[h] / nd, est_roof[h] / nd
-                theo = n * res.theoretical_s[e, h, 0, d] + e_t
-                roof = n * res.roofline_s[e, h, 0, d] + e_r
-                t32, r32 = n * b32.theoretical_s[0, h, 0, d], n * b32.roofline_s[0, h, 0, d]
-                t16, r16 = n * b16.theoretical_s[0, h, 0, d], n * b16.roofline_s[0, h, 0, d]
-                rows.append({
-                    "epoch": int(metrics["epoch"].iloc[e]) if "epoch" in metrics.columns else plan.epoch,
-                    "hw": p.name, "devices": nd, "steps": n, "batch": batch,
-                    "time_theoretical_s": theo, "time_roofline_s": roof,
-                    "time_roofline_low_s": roof / (1 + hi_b), "time_roofline_high_s": roof / (1 + lo_b),
-                    "band_basis": basis, "allreduce_s": n * res.allreduce_s[e, h, 0, d],
-                    "estimator_theoretical_s": e_t, "estimator_roofline_s": e_r,
-                    "throughput_theoretical": n * batch / theo, "throughput_roofline": n * batch / roof,
-                    "speedup_vs_fp32_theoretical": t32 / theo, "speedup_vs_fp32_roofline": r32 / roof,
-                    "speedup_vs_bf16_theoretical": t16 / theo, "speedup_vs_bf16_roofline": r16 / roof,
-                    "energy_j": roof * p.tdp_w * nd if p.tdp_w is not None else float("nan"),
-                    "dollars": roof * p.price_usd_per_s * nd if p.price_usd_per_s is not None else float("nan"),
-                    "fallbacks": fb[e * len(profs) + h],
-                    "clipping_run": run_clipping, "clipping_costed": "hooks" if dp else "none",
-                    "quantized_flop_share": res.quantized_flop_share[e, 0],
-                    "memory_gb": res.memory_bytes[e, 0, d] / 1e9, "fits": bool(res.fits[e, h, 0, d]),
-                })
+                for a, algo in enumerate(res.clipping):
+                    n = steps[e]
+                    # the estimator's forwards run on one device's share of the sample
+                    e_t, e_r = est_theo[h] / nd, est_roof[h] / nd
+                    theo = n * res.theoretical_s[e, h, 0, d, a] + e_t
+                    roof = n * res.roofline_s[e, h, 0, d, a] + e_r
+                    t32, r32 = n * b32.theoretical_s[0, h, 0, d, a], n * b32.roofline_s[0, h, 0, d, a]
+                    t16, r16 = n * b16.theoretical_s[0, h, 0, d, a], n * b16.roofline_s[0, h, 0, d, a]
+                    rows.append({
+                        "epoch": int(metrics["epoch"].iloc[e]) if "epoch" in metrics.columns else plan.epoch,
+                        "hw": p.name, "devices": nd, "steps": n, "batch": batch,
+                        "time_theoretical_s": theo, "time_roofline_s": roof,
+                        "time_roofline_low_s": roof / (1 + hi_b), "time_roofline_high_s": roof / (1 + lo_b),
+                        "band_basis": basis, "allreduce_s": n * res.allreduce_s[e, h, 0, d, a],
+                        "estimator_theoretical_s": e_t, "estimator_roofline_s": e_r,
+                        "throughput_theoretical": n * batch / theo, "throughput_roofline": n * batch / roof,
+                        "speedup_vs_fp32_theoretical": t32 / theo, "speedup_vs_fp32_roofline": r32 / roof,
+                        "speedup_vs_bf16_theoretical": t16 / theo, "speedup_vs_bf16_roofline": r16 / roof,
+                        "energy_j": roof * p.tdp_w * nd if p.tdp_w is not None else float("nan"),
+                        "dollars": roof * p.price_usd_per_s * nd if p.price_usd_per_s is not None else float("nan"),
+                        "fallbacks": fb[e, h, a],
+                        "clipping_run": used or "none", "clipping_costed": algo if dp else "none",
+                        "quantized_flop_share": res.quantized_flop_share[e, 0, a],
+                        "memory_gb": res.memory_bytes[e, 0, d, a] / 1e9, "fits": bool(res.fits[e, h, 0, d, a]),
+                    })
     return pd.DataFrame(rows)

@@ -34,12 +34,13 @@ from opacus.grad_sample import register_norm_sampler
 from opacus.grad_sample.grad_sample_module import GradSampleHooks
 from torch import nn
 
+from dpquant_sim.clipping_rules import NORM_BLOCK_ELEMS, norm_block_examples, norm_elems_per_example
 from dpquant_sim.errors import ConfigError, DPSafetyError
 from dpquant_sim.nn.layers import QConv2d, QLinear, row_major
 
 Param = nn.Parameter
 Masks = Mapping[Param, torch.Tensor]
-BLOCK_ELEMS = 1 << 18  # floor of the transient elements per block of examples (im2col, Gram matrices)
+BLOCK_ELEMS = NORM_BLOCK_ELEMS  # floor of the transient elements per block (shared with the cost model)
 
 
 # ------------------------------------------------------------------------------------------------ operands
@@ -77,7 +78,7 @@ def _example_blocks(n: int, per_example: int, budget: int) -> list[slice]:
     """Slices of the batch whose transient buffers (``per_example`` elements per example) stay under
     max(budget, BLOCK_ELEMS) elements: the norm of a layer then never needs more working memory than its own
     operands (an im2col is kh*kw times the input), on top of a small floor that keeps the blocks few."""
-    step = max(1, max(budget, BLOCK_ELEMS) // max(per_example, 1))
+    step = norm_block_examples(per_example, budget)
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
@@ -185,7 +186,8 @@ class GemmClipOps(ClipOps):
                 raise ConfigError("norm method", method, ("ghost", "materialize"))
             T, d, p = _dims(layer, x, dy)
             ghost = method == "ghost" and w not in masks
-            per_example = T * d + 2 * T * T if ghost else p * d * (1 if isinstance(layer, QConv2d) else 2) + T * d
+            per_example = norm_elems_per_example(T, d, p, "ghost" if ghost else "materialize",
+                                                 conv=isinstance(layer, QConv2d))
             parts = []
             for sl in _example_blocks(n, per_example, max(x.numel(), dy.numel())):
                 if ghost:
