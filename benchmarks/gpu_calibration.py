@@ -151,9 +151,16 @@ PRECS = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8")
 API = {"fp32": "matmul", "tf32": "matmul", "bf16": "matmul", "fp16": "matmul", "fp8": "scaled_mm", "int8": "int_mm"}
 
 
+# The GEMMs timed besides the non-DP step's (fwd, dgrad, wgrad): Opacus hooks' per-sample weight gradients (a
+# batched GEMM) and the default clipping algorithm's (mixed) extra GEMMs: Gram matrices of its ghost norms, its
+# materialised per-sample gradients and the first layer's input gradient.
+DP_GEMMS = (("hooks", ("psg_wgrad",), "-psg"), ("mixed", ("psg_wgrad", "gram_x", "gram_dy", "dgrad"), "-mixed"))
+
+
 def model_shapes(models=("resnet18", "resnet50"), batches=(64, 256), input_shape=(3, 32, 32)) -> list[dict]:
     """Every distinct GEMM (M, K, N, batch) of the models' steps, labelled by where it first occurs, with the
-    dimensions the cost model uses (forward, dgrad, wgrad; DP per-sample wgrad as a batched GEMM)."""
+    dimensions the cost model uses (forward, dgrad, wgrad; DP per-sample wgrad and Gram matrices as batched
+    GEMMs, ``DP_GEMMS``)."""
     from dpquant_sim.cost.flops import step_ops
     from dpquant_sim.cost.run import build_shapes
 
@@ -161,9 +168,10 @@ def model_shapes(models=("resnet18", "resnet50"), batches=(64, 256), input_shape
     for model in models:
         shapes = build_shapes(model, input_shape, 10)
         for batch in batches:
-            for dp, tag in ((False, ""), (True, "-psg")):
-                for o in step_ops(shapes, None, batch=batch, dp=dp):
-                    if o.kind != "gemm" or (dp and o.op != "wgrad"):
+            for dp, clipping, wanted, tag in ((False, "mixed", None, ""),
+                                              *((True, c, ops, t) for c, ops, t in DP_GEMMS)):
+                for o in step_ops(shapes, None, batch=batch, dp=dp, clipping=clipping):
+                    if o.kind != "gemm" or (dp and o.op not in wanted):
                         continue
                     m, k, n, b = (int(v) for v in o.dims)
                     key = (m, k, n, b)

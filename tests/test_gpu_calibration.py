@@ -31,17 +31,14 @@ def test_model_shapes_cover_every_gemm_of_the_cost_model_once():
     keys = [(r["m"], r["k"], r["n"], r["batch"]) for r in plan]
     assert len(keys) == len(set(keys))  # distinct
     shapes = build_shapes("resnet18", (3, 32, 32), 10)
-    want = set()
-    for dp in (False, True):
-        for o in step_ops(shapes, None, batch=64, dp=dp):
-            if o.kind == "gemm" and (not dp or o.op == "wgrad"):
-                want.add(tuple(int(v) for v in o.dims))
-    assert set(keys) == want
+    # the non-DP step's GEMMs, Opacus hooks' per-sample GEMMs and every GEMM of the default algorithm (mixed)
+    wanted = [(False, "mixed", None), (True, "hooks", {"psg_wgrad"}), (True, "mixed", None)]
+    gemms = [o for dp, clip, names in wanted for o in step_ops(shapes, None, batch=64, dp=dp, clipping=clip)
+             if o.kind == "gemm" and (names is None or o.op in names)]
+    assert set(keys) == {tuple(int(v) for v in o.dims) for o in gemms}
     ops = {r["shape"].rsplit("-", 1)[-1] for r in plan} | {r["shape"].rsplit("-", 2)[-2] for r in plan}
-    assert {"fwd", "dgrad", "wgrad"} <= ops and any(r["batch"] == 64 for r in plan)  # per-sample wgrad batched
-    n_gemms = sum(1 for dp in (False, True) for o in step_ops(shapes, None, batch=64, dp=dp)
-                  if o.kind == "gemm" and (not dp or o.op == "wgrad"))
-    assert sum(r["uses"] for r in plan) == n_gemms
+    assert {"fwd", "dgrad", "wgrad", "psg_wgrad", "gram_x", "gram_dy"} <= ops
+    assert any(r["batch"] == 64 for r in plan)  # per-sample wgrad batched
 
 
 def test_dry_run_writes_the_plan_without_a_gpu(tmp_path):

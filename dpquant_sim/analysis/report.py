@@ -9,7 +9,9 @@ Sections (each figure's data is also written as CSV under ``<report stem>_data/`
 3. Test accuracy vs epoch per schedule.
 4. Epsilon spent vs epoch per schedule (DP-SGD plus the DPQuant estimator).
 5. The per-epoch layer plans as heatmaps (share of seeds in which a layer ran quantized at each epoch).
-6. The cost breakdown per accelerator and schedule (time, energy, dollars).
+6. Where low precision pays: whole-run speedup over the same run in bf16 (theoretical and roofline), per
+   accelerator and DP clipping algorithm costed.
+7. The cost breakdown per accelerator and schedule (time, energy, dollars).
 
 plotly.js is embedded once; the page needs no network.
 
@@ -291,6 +293,23 @@ def build_sections(table: pd.DataFrame, *, title: str = "dpquant-sim report") ->
                                     slug=f"plan_{shown}"))
             shown += 1
 
+    pays = speedup_by_clipping(summary)
+    if not pays.empty:
+        fig = bar_figure(pays, x="hw", y="roofline", color="schedule", facet="clipping",
+                         title="Roofline speedup over the same run in bf16, per accelerator and clipping algorithm "
+                               "(> 1: low precision pays; mean over seeds)", y_title="x bf16 (roofline)")
+        fig.add_hline(y=1.0, line_dash="dot")
+        table = pays.assign(cell=[f"{t:.2f} / {r:.2f}" for t, r in zip(pays["theoretical"], pays["roofline"])])
+        wide = table.pivot_table(index=["clipping", "schedule"], columns="hw", values="cell", aggfunc="first",
+                                 sort=False).reset_index()
+        sections.append(Section("Where low precision pays: speedup over bf16 per accelerator and clipping "
+                                "algorithm", fig, pays, slug="speedup_by_clipping",
+                                html=_df_html(wide) + "<p>theoretical / roofline whole-run speedup over the same "
+                                "run with every layer in bf16, costed under each DP clipping algorithm (hooks: "
+                                "per-sample gradients materialised; ghost: second backward pass; bk: "
+                                "book-keeping; mixed: per-layer norm method; docs/cost_model.md). Every exact "
+                                "algorithm computes the same update, so accuracy is shared.</p>"))
+
     # Cost breakdown.
     if "accelerator" in summary.columns:
         cost_cols = [c for c in ("run_time_theoretical_s", "run_time_roofline_s", "run_energy_j", "run_dollars")
@@ -321,6 +340,25 @@ def build_sections(table: pd.DataFrame, *, title: str = "dpquant-sim report") ->
                                 "generic band of a device without measurements (docs/cost_model.md).</p>",
                                 slug="accelerator_notes"))
     return sections
+
+
+def speedup_by_clipping(summary: pd.DataFrame) -> pd.DataFrame:
+    """Mean over seeds of the whole-run speedup over bf16 (theoretical, roofline) per (clipping algorithm
+    costed, schedule, accelerator, device count) for the quantized schedules; empty without cost columns."""
+    need = {"clipping_costed", "hw", "run_speedup_theoretical", "run_speedup_roofline"}
+    if summary.empty or not need <= set(summary.columns):
+        return pd.DataFrame()
+    quant = summary[summary["schedule_kind"] != "fp32"].copy()
+    if quant.empty:
+        return pd.DataFrame()
+    quant["hw"] = [h if int(d) == 1 else f"{h} x{int(d)}" for h, d in zip(quant["hw"], quant.get("devices", 1))] \
+        if "devices" in quant.columns else quant["hw"]
+    if quant["model"].nunique() > 1 or quant["dataset"].nunique() > 1:
+        quant["schedule"] = quant["schedule"] + " / " + quant["model"] + "/" + quant["dataset"]
+    g = quant.groupby(["clipping_costed", "schedule", "hw"], sort=False)
+    out = pd.DataFrame({"theoretical": g["run_speedup_theoretical"].mean(),
+                        "roofline": g["run_speedup_roofline"].mean()}).reset_index()
+    return out.rename(columns={"clipping_costed": "clipping"})
 
 
 def accelerator_notes(table: pd.DataFrame) -> pd.DataFrame:
@@ -395,6 +433,7 @@ def build_report(
     title: str | None = None,
     recollect: bool = False,
     png: bool = False,
+    clipping: Any = None,
 ) -> Path:
     """Write ``<sweep_dir>/report.html`` (or ``out``) and its figure data under ``<stem>_data/``.
 
@@ -402,8 +441,10 @@ def build_report(
     ``recollect=True``), costing on the sweep's accelerators (else all profiles). Explicit ``accelerators``
     (a list of profile names or "all") re-cost the runs into a derived table written beside the report as
     ``<stem>_results.csv``/``.parquet``: the sweep's own results table is never rewritten with other
-    accelerators. ``png=True`` also exports each figure as PNG beside its CSV (needs kaleido and a browser;
-    otherwise a one-line message per figure says so).
+    accelerators. ``clipping`` ('all' or DP clipping algorithm names) likewise re-costs every private run under
+    those algorithms into the derived table (default: the sweep's ``cost_clipping``, else each run's own).
+    ``png=True`` also exports each figure as PNG beside its CSV (needs kaleido and a browser; otherwise a
+    one-line message per figure says so).
 
     Raises ConfigError when ``sweep_dir`` has no runs/ or ``out`` is a folder; RunFolderError when a run's
     metrics.csv disagrees with its summary.json (see ``sweep.collect.check_run_consistent``).
@@ -420,20 +461,22 @@ def build_report(
     name = sweep_dir.name
     sweep_yaml = sweep_dir / "sweep.yaml"
     devices = [1]
-    sweep_accs = None
+    sweep_accs = sweep_clipping = None
     if sweep_yaml.is_file():
         import yaml
 
         raw = yaml.safe_load(sweep_yaml.read_text()) or {}
         devices = raw.get("devices") or [1]
         sweep_accs = raw.get("accelerators", "all")
+        sweep_clipping = raw.get("cost_clipping")
         name = raw.get("name", name)
     have = (sweep_dir / TABLE_PARQUET).is_file() or (sweep_dir / TABLE_CSV).is_file()
-    if accelerators is not None:  # a derived table, beside the report, never over the sweep's
-        table = collect_sweep(sweep_dir, accelerators=accelerators or "all", write=False, devices=devices)
+    if accelerators is not None or clipping is not None:  # a derived table, beside the report, never over the sweep's
+        table = collect_sweep(sweep_dir, accelerators=accelerators or sweep_accs or "all", write=False, devices=devices,
+                              clipping=clipping if clipping is not None else sweep_clipping)
         write_table(table, out.with_name(out.stem + "_results.csv"))
     elif recollect or not have:
-        table = collect_sweep(sweep_dir, accelerators=sweep_accs or "all", devices=devices)
+        table = collect_sweep(sweep_dir, accelerators=sweep_accs or "all", devices=devices, clipping=sweep_clipping)
     else:
         table = load_table(sweep_dir)
     title = title or f"dpquant-sim report: {name}"

@@ -18,6 +18,10 @@ def report(
     recollect: bool = typer.Option(False, help="rebuild results.csv/.parquet from the run dirs first (refused if a "
                                    "run's metrics.csv disagrees with its summary.json)"),
     png: bool = typer.Option(False, help="also export each figure as PNG (needs kaleido and a browser)"),
+    clipping: Optional[str] = typer.Option(
+        None, "--clipping", "--dp-algorithm", help="DP clipping algorithm(s) to cost every private run under: "
+        "hooks, ghost, bk, mixed, comma-separated, or 'all' (default: the sweep's cost_clipping, else each run's "
+        "own); a re-costed table goes beside the report like --accelerators"),
 ) -> None:
     """Write the HTML report (Pareto frontiers, accuracy and epsilon per epoch, layer plans, cost)."""
     from dpquant_sim.analysis.report import build_report
@@ -25,7 +29,11 @@ def report(
     accs = None
     if accelerators:
         accs = "all" if accelerators == "all" else [a.strip() for a in accelerators.split(",") if a.strip()]
-    path = build_report(directory, out=out, accelerators=accs, recollect=recollect, png=png)
+    if clipping is not None:
+        from dpquant_sim.cost.clipping import parse_clipping
+
+        clipping = list(parse_clipping(clipping, "--clipping"))
+    path = build_report(directory, out=out, accelerators=accs, recollect=recollect, png=png, clipping=clipping)
     typer.echo(f"report: {path}")
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import warnings
 from collections import defaultdict
 from typing import Any, Iterator, Sequence
 
@@ -207,7 +208,9 @@ def measure(model: nn.Module, algorithm: str, x: torch.Tensor, y: torch.Tensor, 
     backend = qz.default_backend()
     qz.set_default_backend("torch")  # same bits; a compiled quantizer cannot trace under a dispatch mode
     try:
-        with labelled_layers(model, counter), counter:
+        with labelled_layers(model, counter), counter, warnings.catch_warnings():
+            # the labels' own backward hooks on a first layer fire at its output gradient: expected here
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
             clip.step([(x, y)], None)
     finally:
         qz.set_default_backend(backend)

@@ -109,18 +109,25 @@ def check_run_consistent(run_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
-def run_table(run_dir: Path, profiles: Sequence[Any], devices: Sequence[int] = (1,)) -> pd.DataFrame:
+def run_table(run_dir: Path, profiles: Sequence[Any], devices: Sequence[int] = (1,),
+              clipping: Any = None) -> pd.DataFrame:
     """metrics.csv of one run joined with its cost per accelerator (one row per epoch x accelerator x device
-    count). With several device counts, ``accelerator`` names the option ('h100_sxm x8'); ``hw`` and
-    ``devices`` keep its parts."""
+    count x clipping algorithm costed). ``clipping``: the algorithm(s) to cost the run under (None: the one it
+    ran). ``accelerator`` names the option: 'h100_sxm', 'h100_sxm x8' with several devices, 'h100_sxm (bk)'
+    when several clipping algorithms are costed; ``hw``, ``devices`` and ``clipping_costed`` keep its parts."""
     metrics = pd.read_csv(run_dir / "metrics.csv")
     if not profiles:
         return metrics
+    from dpquant_sim.cost.clipping import parse_clipping
     from dpquant_sim.cost.run import cost_run
 
-    cost = cost_run(run_dir, profiles, devices=tuple(devices))
+    cost = cost_run(run_dir, profiles, devices=tuple(devices), clipping=clipping)
+    several = clipping is not None and len(parse_clipping(clipping)) > 1
     if "hw" in cost.columns and "devices" in cost.columns and "accelerator" not in cost.columns:
         cost["accelerator"] = [h if n == 1 else f"{h} x{n}" for h, n in zip(cost["hw"], cost["devices"])]
+        if several and "clipping_costed" in cost.columns:
+            cost["accelerator"] = [f"{a} ({c if c != 'none' else 'non-private'})"
+                                   for a, c in zip(cost["accelerator"], cost["clipping_costed"])]
     if "accelerator" not in cost.columns:
         for alt in ("hw", "profile", "hardware", "name"):
             if alt in cost.columns:
@@ -141,6 +148,7 @@ def collect_sweep(
     include_partial: bool = False,
     write: bool = True,
     devices: Sequence[int] = (1,),
+    clipping: Any = None,
 ) -> pd.DataFrame:
     """Build (and by default write) the tidy table of a sweep folder.
 
@@ -152,6 +160,8 @@ def collect_sweep(
             ``complete=False``.
         write: write ``results.csv`` and ``results.parquet`` atomically.
         devices: data-parallel device counts to cost every run on.
+        clipping: DP clipping algorithm(s) to cost every private run under ('all', names); None: the one each
+            run used.
     """
     out_dir = Path(out_dir)
     pts = _points_frame(out_dir, points)
@@ -168,7 +178,7 @@ def collect_sweep(
         if not (rd / "metrics.csv").is_file() or not (complete or include_partial):
             continue
         summary = check_run_consistent(rd) if complete else {}
-        t = run_table(rd, profiles, devices)
+        t = run_table(rd, profiles, devices, clipping)
         desc = pd.DataFrame({(k if k not in t.columns else f"{k}_point"): [v] * len(t) for k, v in row.items()})
         t = pd.concat([desc, t.reset_index(drop=True)], axis=1)
         t["complete"] = complete

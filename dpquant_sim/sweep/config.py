@@ -20,6 +20,9 @@ YAML layout (every key optional except ``grid`` entries must be lists)::
       seed: [0, 1, 2]
     accelerators: all          # or a list of profile names (dpquant-sim hw list)
     devices: [1, 8]            # data-parallel device counts to cost every run on (default [1])
+    cost_clipping: all         # DP clipping algorithm(s) to cost every private run under (default: the one it
+                               # ran, the TrainConfig field ``clipping``); every exact algorithm computes the
+                               # same update, so costing a run under another is exact
     executor: {kind: local, workers: 2, threads_per_worker: 1}
 
 Every point is a fully resolved TrainConfig; its id is a hash of that config, so ids are stable across
@@ -69,6 +72,7 @@ class SweepConfig(BaseModel):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     accelerators: Literal["all"] | list[str] = "all"
     devices: list[int] = Field(default_factory=lambda: [1])
+    cost_clipping: str | list[str] | None = None
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
 
     @field_validator("grid")
@@ -89,6 +93,18 @@ class SweepConfig(BaseModel):
         if not v or any(isinstance(d, bool) or d < 1 for d in v):
             raise ValueError(f"devices={v!r}: give a non-empty list of positive device counts, e.g. [1, 8]")
         return list(dict.fromkeys(v))
+
+    @field_validator("cost_clipping")
+    @classmethod
+    def _clipping_names(cls, v):
+        from dpquant_sim.clipping_rules import CLIPPING_ALGORITHMS
+
+        if v is None:
+            return v
+        names = [n.strip() for item in ([v] if isinstance(v, str) else v) for n in str(item).split(",")]
+        if not names or any(n not in ("all", *CLIPPING_ALGORITHMS) for n in names):
+            raise ValueError("'all' or clipping algorithm names among " + ", ".join(CLIPPING_ALGORITHMS))
+        return v
 
     @field_validator("accelerators")
     @classmethod

@@ -203,5 +203,6 @@ def _run_locked(cfg: SweepConfig, points: list[SweepPoint], out_dir: Path, *, ki
     if collect:
         from dpquant_sim.sweep.collect import collect_sweep
 
-        result.table = collect_sweep(out_dir, accelerators=cfg.accelerators, points=points, devices=cfg.devices)
+        result.table = collect_sweep(out_dir, accelerators=cfg.accelerators, points=points, devices=cfg.devices,
+                                     clipping=cfg.cost_clipping)
     return result
