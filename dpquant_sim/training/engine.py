@@ -620,6 +620,7 @@ def train(config: TrainConfig | Mapping[str, Any], out_dir: str | Path, *, progr
             The run stays resumable and summary.json is not written.
 
     While it runs, the process holds ``out_dir/.lock`` (``dpquant_sim.locking``): one writer per run folder.
+    A finished run (summary.json present) is only read, without the lock.
     A resume first removes temporary files that a killed writer left, and checks that config.yaml and the
     checkpoint's stored config both match ``config`` (fields in RESULT_NEUTRAL_FIELDS, e.g. threads, may differ).
 
@@ -631,6 +632,10 @@ def train(config: TrainConfig | Mapping[str, Any], out_dir: str | Path, *, progr
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.parse(config)
     out = Path(out_dir)
+    if (out / "summary.json").is_file():  # a finished run is only read (no lock: read-only folders work)
+        prev, _ = _check_resume(out, cfg)
+        if prev is not None:
+            return _result_from_dir(out, cfg)
     with folder_lock(out, what="run folder"):
         clean_stale_temps(out)
         return _train_locked(cfg, out, progress=progress, stop_after=stop_after)
