@@ -1,9 +1,10 @@
 """Points per second of the vectorized cost sweep vs the scalar per-point loop (ratio in the same run).
 
-    .venv/bin/python benchmarks/bench_cost.py [--plans 200] [--scalar-points 200] [--devices 1,8,64]
+    .venv/bin/python benchmarks/bench_cost.py [--plans 200] [--scalar-points 200] [--devices 1,8,64] [--clipping all]
 
 Workload: ResNet18 (CIFAR, 3x32x32), random plans (each layer quantized with probability 0.5 in a random
-recipe), all shipped accelerator profiles, batch sizes 64/256/1024, data-parallel device counts (default 1).
+recipe), all shipped accelerator profiles, batch sizes 64/256/1024, data-parallel device counts (default 1),
+DP clipping algorithms (default the engine's, mixed; 'all' for the four).
 The scalar loop runs dpquant_sim.cost.model.step_cost on a random subset of the same points (same answers,
 tested); points a profile's interconnect cannot reach are skipped in the check.
 """
@@ -21,6 +22,7 @@ def main() -> None:
     ap.add_argument("--plans", type=int, default=200)
     ap.add_argument("--scalar-points", type=int, default=200)
     ap.add_argument("--devices", default="1", help="comma-separated device counts")
+    ap.add_argument("--clipping", default="mixed", help="DP clipping algorithm(s): names, comma-separated, or all")
     args = ap.parse_args()
     devices = [int(d) for d in args.devices.split(",")]
 
@@ -37,26 +39,27 @@ def main() -> None:
     profs = list(load_profiles().values())
     batches = [64, 256, 1024]
 
-    sweep(shapes, plans[:2], profs, batches, devices=devices)  # warm-up (imports, recipe lookups)
+    sweep(shapes, plans[:2], profs, batches, devices=devices, clipping=args.clipping)  # warm-up (imports, recipes)
     t0 = time.perf_counter()
-    res = sweep(shapes, plans, profs, batches, devices=devices)
+    res = sweep(shapes, plans, profs, batches, devices=devices, clipping=args.clipping)
     t_vec = time.perf_counter() - t0
-    n_vec = int(res.feasible.sum()) * len(plans) * len(batches)
+    n_alg = len(res.clipping)
+    n_vec = int(res.feasible.sum()) * len(plans) * len(batches) * n_alg
 
     idx = []
     while len(idx) < args.scalar_points:
-        i, h, b, d = (int(rng.integers(n)) for n in (len(plans), len(profs), len(batches), len(devices)))
+        i, h, b, d, a = (int(rng.integers(n)) for n in (len(plans), len(profs), len(batches), len(devices), n_alg))
         if res.feasible[h, d]:
-            idx.append((i, h, b, d))
+            idx.append((i, h, b, d, a))
     t0 = time.perf_counter()
     worst = 0.0
-    for i, h, b, d in idx:
-        sc = step_cost(shapes, plans[i], profs[h], batch=batches[b], devices=devices[d])
-        worst = max(worst, abs(sc.roofline_s / res.roofline_s[i, h, b, d] - 1))
+    for i, h, b, d, a in idx:
+        sc = step_cost(shapes, plans[i], profs[h], batch=batches[b], devices=devices[d], clipping=res.clipping[a])
+        worst = max(worst, abs(sc.roofline_s / res.roofline_s[i, h, b, d, a] - 1))
     t_sca = time.perf_counter() - t0
     v, s = n_vec / t_vec, len(idx) / t_sca
     print(f"vectorized sweep: {n_vec} points ({len(plans)} plans x {len(profs)} profiles x {len(batches)} batches "
-          f"x devices {devices}, feasible only) in {t_vec:.3f} s = {v:,.0f} points/s")
+          f"x devices {devices} x clipping {list(res.clipping)}, feasible only) in {t_vec:.3f} s = {v:,.0f} points/s")
     print(f"scalar loop:      {len(idx)} points in {t_sca:.3f} s = {s:,.1f} points/s")
     print(f"speedup: {v / s:,.0f}x; max relative difference on the checked points: {worst:.1e}")
 

@@ -16,10 +16,12 @@ Times (``bw``: per-device bandwidth in one direction, ``lat``: per-step latency)
   chosen algorithm across the ceil(N/G) nodes on each device's 1/G shard over its own NIC, ring all-gather
   inside the node.
 
-Overlap with the backward pass: under DP with flat clipping the clip factor of an example needs the norm of its
-WHOLE gradient, so no layer's clipped sum exists before the backward pass has ended: the all-reduce is fully
-exposed. Without DP, buckets are all-reduced while the backward pass continues: only max(0, T_ar - T_bwd) is
-exposed.
+Overlap: under DP with flat clipping the clip factor of an example needs the norm of its WHOLE gradient, so no
+layer's clipped sum exists before every norm is known. Opacus hooks then clips and accumulates all per-sample
+gradients before reducing (fully exposed); book-keeping and ghost clipping produce the clipped sum layer by
+layer afterwards (weighted GEMMs, second backward pass), so only max(0, T_ar - T_clip) is exposed
+(``cost.clipping.overlap_phase``). Without DP, buckets are all-reduced while the backward pass continues: only
+max(0, T_ar - T_bwd) is exposed.
 
 >>> round(ring_allreduce_s(1e9, 8, 100e9, 0.0), 4)  # 2 * 7/8 * 1 GB / 100 GB/s
 0.0175
@@ -82,5 +84,6 @@ def allreduce_s(profile, nbytes: float, devices: int, algorithm: str = "ring") -
 
 
 def exposed_allreduce_s(t_allreduce: float, t_backward: float, *, overlap_backward: bool) -> float:
-    """The all-reduce time left on the critical path after overlapping it with the backward pass."""
+    """The all-reduce time left on the critical path after overlapping it with ``t_backward`` seconds of work
+    (the backward pass, or under DP the phase producing the clipped sum)."""
     return max(0.0, t_allreduce - t_backward) if overlap_backward else t_allreduce

@@ -158,7 +158,7 @@ def point_rows(shapes, plans: dict[str, Any], profiles: Sequence[HardwareProfile
                         flops1, fb = per_plan[i, a]
                         rows.append({
                             "hw": p.name, "devices": nd, "batch": batch, "base": base,
-                            "clipping": algo if dp else None, "format": key,
+                            "clipping": algo if dp else "none", "format": key,
                             "theoretical_s": theo, "roofline_s": roof,
                             "roofline_low_s": res.roofline_low_s[i, h, b, d, a],
                             "roofline_high_s": res.roofline_high_s[i, h, b, d, a], "band_basis": basis,
