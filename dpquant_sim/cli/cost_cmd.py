@@ -162,7 +162,8 @@ def cost(
             typer.echo(json.dumps({"run": str(run), "plans": [pl.to_dict() for pl in run_plans(run)],
                                    "results": json.loads(df.to_json(orient="records"))}, indent=2, default=str))
         else:
-            _table(df, ["epoch", "hw", "devices", "clipping_costed", "steps", "quantized_flop_share", "time_theoretical_s",
+            _table(df, ["epoch", "hw", "devices", "clipping_costed", "steps", "quantized_flop_share",
+                        "time_theoretical_s",
                         "time_roofline_s", "roof band", "band_basis", "speedup_vs_fp32_theoretical",
                         "speedup_vs_bf16_theoretical", "speedup_vs_bf16_roofline", "fallbacks", "energy_j", "dollars",
                         "memory_gb", "fits"],

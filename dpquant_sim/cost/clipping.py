@@ -68,7 +68,6 @@ if TYPE_CHECKING:  # torch-free at import
     from dpquant_sim.nn.shapes import LayerShape
 
 FP32 = 4.0
-PHASES: tuple[str, ...] = ("fwd", "bwd", "clip", "step")
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,6 @@ class GemmOperands:
     w: float  # weight (low-precision copy)
     dx: float  # input gradient written by dgrad (base precision)
     x_elem: float
-    base_bytes: float
     fwd_precision: str
     dgrad_precision: str
     wgrad_precision: str

@@ -10,14 +10,14 @@ Work outside every layer is labelled ``<outside>``. torch's own module tracker i
 
 ``FlopCounterMode`` counts matmul-like kernels only (mm, addmm, bmm, convolution and its backward), 2 FLOPs per
 multiply-accumulate (its grouped-conv weight-gradient formula is corrected here, see
-:func:`grouped_conv_backward_flop`). The comparison therefore covers the cost model's GEMM ops (fwd, dgrad, dgrad2, wgrad,
-psg_wgrad, gram_x, gram_dy) plus ``clip_sum`` (a vector op in the model, an ``einsum('i,i...')`` GEMV in the
-implementation); elementwise work (quantizers, norms, im2col copies, clip scaling, bias sums, the T = 1 outer
+:func:`grouped_conv_backward_flop`). The comparison therefore covers the cost model's GEMM ops (fwd, dgrad,
+dgrad2, wgrad, psg_wgrad, gram_x, gram_dy) plus ``clip_sum`` (a vector op in the model, an
+``einsum('i,i...')`` GEMV in the implementation); elementwise work (quantizers, norms, im2col copies, clip scaling, bias sums, the T = 1 outer
 products of per-sample linear gradients, which torch runs as a broadcasting multiply) is not counted by torch
 and is checked against hand counts in the tests instead. Both sides count exact integers, so the tolerance is
 exact equality.
 
-    .venv/bin/python -m dpquant_sim.cost.flopcheck --model resnet18-w16 --input 3x32x32 --batch 4 --recipe fp8
+    .venv/bin/python -m dpquant_sim.cost.flopcheck --model resnet18-w16 --input 3x32x32 --batch 2 --recipe fp8
 
 >>> rows = compare("cnn", (1, 8, 8), batch=3, algorithms=("bk",))
 >>> all(r["torch"] == r["model"] for r in rows)

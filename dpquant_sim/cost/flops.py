@@ -157,7 +157,7 @@ def layer_operands(s: LayerShape, batch: float, recipe: Any = None, *, base: str
     cfg = _recipe(recipe)
     if cfg is None:
         return GemmOperands(batch * s.in_numel * fb, batch * s.out_numel * fb, w_numel * fb, batch * s.in_numel * fb,
-                            fb, fb, base, base, base, base, base, False)
+                            fb, base, base, base, base, base, False)
     from dpquant_sim.nn.config import hw_class
 
     pf, pd_, pw = cfg.gemm_precisions()
@@ -167,7 +167,7 @@ def layer_operands(s: LayerShape, batch: float, recipe: Any = None, *, base: str
     sx = scale_bytes(cfg.activation.scaling, s.in_numel, batch)
     sdy = scale_bytes(cfg.grad.scaling, s.out_numel, batch)
     return GemmOperands(batch * s.in_numel * bx + sx, batch * s.out_numel * bdy + sdy, w_numel * bw + sw,
-                        batch * s.in_numel * fb, bx, fb, pf, pd_, pw, cx, cdy, True)
+                        batch * s.in_numel * fb, bx, pf, pd_, pw, cx, cdy, True)
 
 
 def gemm_layer_ops(s: LayerShape, batch: float, recipe: Any = None, *, base: str = "bf16", dp: bool = True,
