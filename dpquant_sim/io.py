@@ -101,6 +101,8 @@ def is_temp_file(path: str | os.PathLike) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` can still write. A zombie (killed, not yet reaped: e.g. a pool worker re-parented
+    to a PID 1 that does not reap) answers ``kill(pid, 0)`` but never writes again, so it counts as dead."""
     if pid == os.getpid():
         return True
     try:
@@ -109,7 +111,13 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    return True
+    if not Path("/proc/self/stat").is_file():  # no procfs (not Linux): trust kill(pid, 0)
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # vanished meanwhile
+        return False
+    return state not in ("Z", "X")
 
 
 def clean_stale_temps(folder: str | os.PathLike, *, owned: bool = True) -> list[Path]:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -102,6 +103,26 @@ def test_stale_temporaries_are_recognised_and_cleaned(tmp_path):
     # owned (the caller holds the folder's lock): every temporary is stale
     assert {p.name for p in clean_stale_temps(tmp_path)} == {stale[1], live}
     assert sorted(os.listdir(tmp_path)) == sorted(keep)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_zombie_writer_counts_as_dead(tmp_path):
+    """A SIGKILLed pool worker re-parented to a PID 1 that does not reap stays a zombie: kill(pid, 0) still
+    succeeds, but it will never write again, so its temporaries are stale (a sweep rerun must remove them)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:  # exited, not reaped (no wait yet): a zombie
+            if open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the child did not exit")
+        name = f".config.yaml.{proc.pid}-0a1b2c3d.tmp"
+        (tmp_path / name).write_text("half")
+        assert [p.name for p in clean_stale_temps(tmp_path, owned=False)] == [name]
+    finally:
+        proc.wait(timeout=30)
 
 
 def test_a_sigkilled_writer_leaves_only_a_hidden_temporary(tmp_path):
