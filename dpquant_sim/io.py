@@ -109,7 +109,13 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    return True
+    # A killed writer whose parent died too stays a zombie until something reaps it (a container's pid 1 may
+    # never do): it signals fine but writes nothing any more.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): trust the signal
+    return state not in ("Z", "X")
 
 
 def clean_stale_temps(folder: str | os.PathLike, *, owned: bool = True) -> list[Path]:

@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -146,3 +148,26 @@ def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     return p.pid
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_zombie_writer_counts_as_dead(tmp_path):
+    """A killed writer nobody reaps (its parent died too) is a zombie: its temporaries are stale."""
+    import subprocess
+
+    from dpquant_sim.io import _pid_alive, clean_stale_temps
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 10
+    while time.time() < deadline:  # exited but not reaped: a zombie
+        if Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.05)
+    try:
+        assert not _pid_alive(child.pid)
+        stale = tmp_path / f".metrics.csv.{child.pid}-abcd1234.tmp"
+        stale.write_text("half")
+        assert clean_stale_temps(tmp_path, owned=False) == [stale]
+        assert _pid_alive(os.getpid())
+    finally:
+        child.wait()
