@@ -42,6 +42,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -99,11 +100,13 @@ def _q_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in _unwrap(model).named_modules() if isinstance(m, QUANT_LAYER_TYPES)]
 
 
-def _per_sample_grads(gsm, xb, yb) -> dict[nn.Parameter, torch.Tensor]:
-    """Forward/backward of one chunk with a sum-reduced loss; {param: (b, ...) per-sample gradient}."""
+def _per_sample_grads(gsm, xb, yb) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor]:
+    """Forward/backward of one chunk with a sum-reduced loss; ({param: (b, d) per-sample gradient}, losses)."""
     out = gsm(xb)
     loss = F.cross_entropy(out, yb, reduction="none")
-    loss.sum().backward()
+    with warnings.catch_warnings():  # a first layer's full backward hooks fire at its output gradient: expected
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        loss.sum().backward()
     gs = {}
     for p in gsm.parameters():
         if p.requires_grad and getattr(p, "grad_sample", None) is not None:
