@@ -204,3 +204,51 @@ def test_prune_and_drop_run_resumes_and_keeps_pruned_weights_zero(tmp_path):
     for name in ("fc1.weight", "fc2.weight", "head.weight"):
         kept = ck["prune"]["masks"][name]
         assert (ck["model"][name][~kept] == 0).all() and kept.float().mean() == pytest.approx(0.5, abs=0.01)
+
+
+# ------------------------------------------------------------------------------------------------ releases
+def test_private_run_releases_no_train_loss_unless_asked(tmp_path):
+    import warnings
+
+    cfg = dict(TINY, epochs=1, noise_multiplier=1.0)
+    res = train(cfg, tmp_path / "a", progress=False)
+    m = pd.read_csv(tmp_path / "a" / "metrics.csv")
+    assert m["train_loss"].isna().all() and res.summary["train_loss"] is None
+    info = json.loads((tmp_path / "a" / "run_info.json").read_text())
+    assert info["train_loss_released"] is False and "seed=0" in info["secret_randomness"]
+    assert "secret" in info["secret_randomness"]
+    opted = train(dict(cfg, release_train_loss=True), tmp_path / "b", progress=False)
+    assert 0 < opted.metrics["train_loss"].iloc[0] < 10
+    nonpriv = train(dict(cfg, private=False, noise_multiplier=None), tmp_path / "c", progress=False)
+    assert 0 < nonpriv.summary["train_loss"] < 10  # no privacy claim, nothing to protect
+    # the engine no longer silences Opacus's secure-RNG warning for the whole process
+    assert not any("Secure RNG" in str(f[1].pattern if f[1] else "") for f in warnings.filters)
+
+
+def test_secure_noise_is_unseeded_unwritten_and_resumes_from_the_checkpoint(tmp_path, monkeypatch):
+    import secrets
+    import shutil
+
+    cfg = dict(TINY, epochs=2, noise_multiplier=1.0, secure_noise=True)
+    a = train(cfg, tmp_path / "a", progress=False)
+    b = train(cfg, tmp_path / "b", progress=False)
+    assert a.metrics["test_loss"].tolist() != b.metrics["test_loss"].tolist()  # same seed, different noise
+    # a finished secure run keeps no secret generator state
+    ck = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    assert ck["rng"]["noise"] is None and ck["rng"]["sampler"] is None and ck["rng"]["estimator"] is None
+    # the entropy is written nowhere
+    drawn = []
+    monkeypatch.setattr(secrets, "randbits", lambda k: drawn.append(123456789012345) or drawn[-1])
+    train(cfg, tmp_path / "c", progress=False, stop_after=1)
+    assert drawn
+    for f in (tmp_path / "c").iterdir():
+        assert b"123456789012345" not in f.read_bytes(), f.name
+    # an unfinished secure run resumes from the checkpoint's states, whatever fresh entropy the new process draws
+    shutil.copytree(tmp_path / "c", tmp_path / "d")
+    monkeypatch.setattr(secrets, "randbits", lambda k: 42)
+    r1 = train(cfg, tmp_path / "c", progress=False)
+    monkeypatch.setattr(secrets, "randbits", lambda k: 7)
+    r2 = train(cfg, tmp_path / "d", progress=False)
+    pd.testing.assert_frame_equal(r1.metrics.drop(columns="wall_s"), r2.metrics.drop(columns="wall_s"))
+    info = json.loads((tmp_path / "c" / "run_info.json").read_text())
+    assert "OS entropy" in info["secret_randomness"]

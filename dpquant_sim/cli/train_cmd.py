@@ -95,6 +95,11 @@ def register(app: typer.Typer) -> None:
         max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", "--clip",
                                                       help="Per-example L2 clipping norm C, > 0 (default 1.0)."),
         accountant: Optional[str] = typer.Option(None, help="rdp | prv (default rdp)."),
+        secure_noise: bool = typer.Option(False, "--secure-noise", help="Draw DP noise and Poisson sampling "
+                                          "from OS entropy, never written (for a release). Default: from "
+                                          "--seed (reproducible; epsilon then assumes the seed stays secret)."),
+        release_train_loss: bool = typer.Option(False, "--release-train-loss", help="Write a private run's "
+                                                "un-noised training loss to metrics.csv; NOT covered by epsilon."),
         quantize: Optional[str] = typer.Option(None, "--quantize", "--recipe",
                                                help=f"Quantization recipe of quantized layers: {recipes} "
                                                     "(default fp8)."),
@@ -132,7 +137,9 @@ def register(app: typer.Typer) -> None:
                      epochs=epochs, batch_size=batch_size, physical_batch_size=physical_batch_size, lr=lr,
                      optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, private=private,
                      epsilon=epsilon, noise_multiplier=noise_multiplier, delta=delta, max_grad_norm=max_grad_norm,
-                     accountant=accountant, recipe=quantize, eval_quantized=eval_quantized, seed=seed,
+                     accountant=accountant, secure_noise=secure_noise or None,
+                     release_train_loss=release_train_loss or None,
+                     recipe=quantize, eval_quantized=eval_quantized, seed=seed,
                      data_seed=data_seed, threads=threads, device=device, _schedule=schedule)
         sopts = _parse_opts(schedule_opt, "--schedule-opt")
         if budget is not None:

@@ -69,6 +69,11 @@ class LayerQuantConfig:
     activation: QuantSpec
     grad: QuantSpec
 
+    @property
+    def dp_safe(self) -> bool:
+        """True when no activation or gradient scale mixes examples of a batch (see ``check_dp_safe``)."""
+        return self.activation.dp_safe_for_data and self.grad.dp_safe_for_data
+
     def check_dp_safe(self) -> None:
         """Raise DPSafetyError if an activation or gradient scale would mix examples of a batch."""
         for role in ("activation", "grad"):

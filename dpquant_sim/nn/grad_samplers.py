@@ -1,8 +1,9 @@
 """Opacus grad samplers for QLinear and QConv2d (registered on import of ``dpquant_sim.nn``).
 
 Opacus's ``GradSampleModule`` (``grad_sample_mode="hooks"``) calls these with the input it recorded in its
-forward hook and the output gradient it recorded in its full backward hook (already multiplied by the batch
-size for ``loss_reduction="mean"``). A quantized Q layer hands Opacus exactly the quantized tensors (its
+forward hook and the output gradient it recorded in its full backward hook (multiplied by the batch size
+after our quantizer ran, if ``loss_reduction="mean"``: the engine therefore sums the loss, so a quantizer
+never sees a gradient divided by the realized batch size). A quantized Q layer hands Opacus exactly the quantized tensors (its
 forward pre-hook turns x into qx before Opacus's forward hook runs; its backward pre-hook turns dy into qdy
 before Opacus's backward hook runs -- see ``dpquant_sim.nn.layers``), so these samplers only do the GEMM and
 the result is exact for the quantized computation; in full precision they see the plain tensors.
@@ -35,7 +36,7 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.linear import compute_linear_grad_sample
 from opacus.utils.tensor_utils import unfold2d
 
-from dpquant_sim.nn.layers import QConv2d, QLinear
+from dpquant_sim.nn.layers import QConv2d, QLinear, row_major
 
 
 @register_grad_sampler(QLinear)
@@ -74,8 +75,8 @@ def compute_qconv2d_grad_sample(
     if layer.padding_mode != "zeros":  # reflect/replicate/circular: pad exactly as the forward did
         x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
         padding = (0, 0)
-    # unfold2d builds strides assuming a contiguous input
-    cols = unfold2d(x.contiguous(), kernel_size=layer.kernel_size, padding=padding, stride=layer.stride,
+    # unfold2d builds strides assuming default strides (not merely "contiguous": see layers.row_major)
+    cols = unfold2d(row_major(x), kernel_size=layer.kernel_size, padding=padding, stride=layer.stride,
                     dilation=layer.dilation)  # (B, C_in*kh*kw, L), channel-major like the weight
     g = layer.groups
     length = cols.shape[-1]

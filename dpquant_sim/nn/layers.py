@@ -82,6 +82,27 @@ def _apply_spec(t: torch.Tensor, spec: QuantSpec, generator: torch.Generator | N
     return out if out.dtype == t.dtype else out.to(t.dtype)
 
 
+def row_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with default (row-major) strides, copied only when needed.
+
+    ``.contiguous()`` is not enough: torch ignores the strides of size-1 dims when it decides contiguity, so a
+    channels-last tensor of a 1x1 feature map counts as contiguous and keeps its strides. Opacus's conv grad
+    sampler (``unfold2d``: ``F.pad`` then ``as_strided``) trusts the strides and would read padding zeros, so
+    every tensor a Q layer hands to a grad sampler goes through here.
+    """
+    if t.stride() == _default_strides(t.shape):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _default_strides(shape: torch.Size) -> tuple[int, ...]:
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= max(int(n), 1)
+    return tuple(reversed(out))
+
+
 def quantize_data(
     t: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None, *, conv: bool
 ) -> torch.Tensor:
@@ -95,8 +116,8 @@ def quantize_data(
     """
     if conv and spec.scaling in _BLOCK_SCALINGS and t.dim() == 4:
         q = _apply_spec(t.permute(0, 2, 3, 1), spec, generator)
-        return q.permute(0, 3, 1, 2).contiguous()
-    return _apply_spec(t, spec, generator)
+        return row_major(q.permute(0, 3, 1, 2))
+    return row_major(_apply_spec(t, spec, generator))
 
 
 def quantize_weight(
@@ -104,8 +125,8 @@ def quantize_weight(
 ) -> torch.Tensor:
     """Quantize a weight (dim 0 = output channels). Conv block scalings block along input channels."""
     if conv and spec.scaling in _BLOCK_SCALINGS:
-        return _apply_spec(w.permute(0, 2, 3, 1), spec, generator).permute(0, 3, 1, 2).contiguous()
-    return _apply_spec(w, spec, generator)
+        return row_major(_apply_spec(w.permute(0, 2, 3, 1), spec, generator).permute(0, 3, 1, 2))
+    return row_major(_apply_spec(w, spec, generator))
 
 
 class _FakeQuant(torch.autograd.Function):

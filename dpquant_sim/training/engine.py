@@ -14,7 +14,9 @@ How one run goes:
    DP noise, the schedule's RNG and the estimator's sampling; quantized layers' stochastic rounding is
    seeded by ``nn.convert_model(model, seed=config.seed)``. Same config, same numbers.
 2. Model: ``build_model`` -> ``nn.convert_model`` (Q layers, full precision) -> Opacus ``GradSampleModule``
-   (hooks mode; our Q layers have registered grad samplers) for private runs.
+   (hooks mode; our Q layers have registered grad samplers) for private runs. The loss is sum-reduced, so
+   every per-example computation (quantizer scales included) sees d loss_i / d y_i whatever the realized
+   Poisson batch size; the optimizer divides the noisy clipped sum by the *expected* batch size once.
 3. Privacy: sample rate q = batch_size / n_train, steps per epoch = round(1 / q), Poisson sampling with
    Opacus's ``UniformWithReplacementSampler`` rule (each example independently with probability q) from a
    seeded generator. With a target epsilon the noise multiplier is calibrated by bisection over the whole
@@ -32,9 +34,13 @@ How one run goes:
 5. Non-private runs (``private=False``) take the same path without the GradSampleModule, clipping and noise;
    epsilon is reported as inf.
 
-Reported ``train_loss`` is the mean training loss over the epoch's Poisson batches: a diagnostic computed on
-private data that is not privatised (like Opacus's examples print it); the released outputs are the model,
-test metrics and plans.
+``train_loss`` (the mean training loss over the epoch's Poisson batches) is a statistic of private data that no
+noise covers, so private runs write it as NaN unless ``release_train_loss`` asks for it. The released outputs
+are the model, test metrics, epsilon and plans (docs/privacy.md).
+
+Randomness: DP noise and Poisson sampling come from ``seed`` (reproducible; the epsilon then assumes the seed
+stays secret, and run_info.json says so) or, with ``secure_noise``, from OS entropy (never written; the
+checkpoint keeps the generator states an unfinished run needs to resume and drops them on completion).
 
 >>> # from dpquant_sim.training import TrainConfig, train
 >>> # res = train(TrainConfig(dataset="digits", model="cnn", epochs=3), "runs/x")
@@ -92,10 +98,22 @@ class RunResult:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _seeds(seed: int) -> dict[str, int]:
+# The streams whose secrecy the privacy analysis assumes: the Gaussian noise, and which examples the Poisson
+# samplers (DP-SGD's and the estimator's) drew; subsampling amplification needs the sample to be secret.
+SECRET_STREAMS: tuple[str, ...] = ("sampler", "noise", "estimator")
+
+
+def _seeds(seed: int, *, secure: bool = False) -> dict[str, int]:
+    """One independent seed per random stream, spawned from ``seed``. With ``secure``, the secret streams are
+    seeded from OS entropy instead (``secrets``); those seeds are never returned anywhere else or written."""
+    import secrets
+
     names = ("init", "sampler", "noise", "schedule", "estimator")
     kids = np.random.SeedSequence(seed).spawn(len(names))
-    return {n: int(k.generate_state(1, dtype=np.uint64)[0] >> 1) for n, k in zip(names, kids)}
+    out = {n: int(k.generate_state(1, dtype=np.uint64)[0] >> 1) for n, k in zip(names, kids)}
+    if secure:
+        out.update({n: secrets.randbits(63) for n in SECRET_STREAMS})
+    return out
 
 
 def _load_data(cfg: TrainConfig):
@@ -230,7 +248,7 @@ class _Run:
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device", "cuda", "'cpu' (no CUDA device is visible)")
         self.device = torch.device(cfg.device)
-        seeds = _seeds(cfg.seed)
+        seeds = _seeds(cfg.seed, secure=cfg.secure_noise)
 
         self.data = _load_data(cfg)
         n = self.data.n_train
@@ -267,10 +285,16 @@ class _Run:
             from dpquant_sim.training.optim import MaskedDPOptimizer
 
             ModuleValidator.validate(model, strict=True)
-            self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+            # Sum reduction: each example's output gradient is d loss_i / d y_i, whatever the realized Poisson
+            # batch size |B|. A mean-reduced loss would hand every quantizer dy_i / |B|, and a power-of-two
+            # (MX) scale rounds that differently for each |B|, so one example's clipped gradient would depend on
+            # whether another was sampled. The optimizer divides by the *expected* batch size once, after noise.
+            self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
             self.noise_gen = torch.Generator(device=self.device).manual_seed(seeds["noise"])
+            # secure_mode: Opacus's noise that resists floating-point attacks (sum of 4 normals, arXiv 2107.10138)
             self.optimizer = MaskedDPOptimizer(base, noise_multiplier=self.sigma, max_grad_norm=cfg.max_grad_norm,
-                                               expected_batch_size=cfg.batch_size, generator=self.noise_gen)
+                                               expected_batch_size=cfg.batch_size, generator=self.noise_gen,
+                                               secure_mode=cfg.secure_noise)
         else:
             self.gsm, self.noise_gen, self.optimizer = None, None, base
         self.base_optimizer = base
@@ -350,9 +374,9 @@ class _Run:
                 chunks = self._batches(idx)
                 for i, ci in enumerate(chunks):
                     out = self.gsm(self.x_train[ci])
-                    loss = F.cross_entropy(out, self.y_train[ci])
+                    loss = F.cross_entropy(out, self.y_train[ci], reduction="sum")
                     loss.backward()
-                    loss_sum += float(loss.detach()) * len(ci)
+                    loss_sum += float(loss.detach())
                     if i < len(chunks) - 1:
                         opt.signal_skip_step(do_skip=True)
                         opt.step()
@@ -436,15 +460,33 @@ class _Run:
             self.ledger.load_state_dict(st["ledger"])
         self.schedule.load_state_dict(json.loads(st["schedule_json"]))
         self.ctx_rng.bit_generator.state = json.loads(st["ctx_rng_json"])
-        self.sampler_gen.set_state(st["rng"]["sampler"])
-        self.est_gen.set_state(st["rng"]["estimator"])
+        rng = st["rng"]
+        if any(rng.get(k) is None for k in ("sampler", "estimator")) or (
+                self.noise_gen is not None and rng.get("noise") is None):
+            raise ConfigError("checkpoint", "without its secret generator states (a completed secure_noise run "
+                              "drops them)", "a checkpoint of an unfinished run")
+        self.sampler_gen.set_state(rng["sampler"])
+        self.est_gen.set_state(rng["estimator"])
         if self.noise_gen is not None:
-            self.noise_gen.set_state(st["rng"]["noise"])
+            self.noise_gen.set_state(rng["noise"])
         torch.set_rng_state(st["rng"]["torch"])
         qnn.set_generator_states(self.model, st["layer_generators"])
         if st.get("prune") is not None and self.prune_state is not None:
             self.prune_state.load_state_dict(st["prune"])  # random drop masks are a function of (seed, step)
         self.rows = [dict(r) for r in st["rows"]]
+
+    @property
+    def releases_train_loss(self) -> bool:
+        """Whether metrics.csv / summary.json carry the un-noised training loss (always for non-private runs)."""
+        return not self.cfg.private or self.cfg.release_train_loss
+
+    def _randomness_note(self) -> str:
+        if self.cfg.secure_noise:
+            return ("secure_noise: DP noise and Poisson sampling are seeded from OS entropy, never written; "
+                    "checkpoint.pt holds their generator states until the run completes, then drops them")
+        return (f"reproducible: DP noise and Poisson sampling are seeded from seed={self.cfg.seed}, which "
+                "config.yaml records; the reported epsilon assumes the seed stays secret (use secure_noise "
+                "for a release)")
 
     def run_info(self) -> dict[str, Any]:
         d = self.data
@@ -455,6 +497,8 @@ class _Run:
             "epochs": self.cfg.epochs, "private": self.cfg.private, "noise_multiplier": self.sigma,
             "max_grad_norm": self.cfg.max_grad_norm if self.cfg.private else None,
             "accountant": self.cfg.accountant if self.cfg.private else None, "delta": self.cfg.delta,
+            "secret_randomness": self._randomness_note() if self.cfg.private else None,
+            "train_loss_released": self.releases_train_loss,
             "target_epsilon": self.cfg.epsilon if self.cfg.private else None,
             "planned_mechanisms": [[m.name, m.noise_multiplier, m.sample_rate, m.steps] for m in
                                    _planned_sequence(self.schedule, self.cfg.epochs, 0, self.sigma, self.q, self.spe)
@@ -541,7 +585,6 @@ def train(config: TrainConfig | Mapping[str, Any], out_dir: str | Path, *, progr
         return _result_from_dir(out, cfg)
 
     warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
-    warnings.filterwarnings("ignore", message="Secure RNG turned off")
     run = _Run(cfg, out)
     ck = out / "checkpoint.pt"
     if ck.is_file():
@@ -579,8 +622,10 @@ def train(config: TrainConfig | Mapping[str, Any], out_dir: str | Path, *, progr
                 ls, nb = run.train_step()
                 loss_sum, count = loss_sum + ls, count + nb
                 if bar is not None:
-                    bar.update(task, advance=1, info=f"epoch {run.epoch + 1}/{cfg.epochs} loss "
-                                                       f"{ls / max(nb, 1):.3f}")
+                    info = f"epoch {run.epoch + 1}/{cfg.epochs}"
+                    if run.releases_train_loss:
+                        info += f" loss {ls / max(nb, 1):.3f}"
+                    bar.update(task, advance=1, info=info)
             if run.ledger is not None:
                 run.ledger.step(run.sigma, run.q, run.spe)
             test_loss, test_acc = run.evaluate()
@@ -588,7 +633,7 @@ def train(config: TrainConfig | Mapping[str, Any], out_dir: str | Path, *, progr
             run.wall_s += wall
             run.rows.append({
                 "epoch": run.epoch,
-                "train_loss": loss_sum / max(count, 1),
+                "train_loss": loss_sum / max(count, 1) if run.releases_train_loss else math.nan,
                 "test_loss": test_loss,
                 "test_acc": test_acc,
                 "epsilon": run.ledger.epsilon() if run.ledger is not None else math.inf,
@@ -619,6 +664,10 @@ def train(config: TrainConfig | Mapping[str, Any], out_dir: str | Path, *, progr
     if stop_after is not None and stopped is None and run.epoch < cfg.epochs:
         return RunResult(out, cfg, metrics, {"complete": False, "epochs_completed": run.epoch})
     summary = _summary(run, stopped)
+    if cfg.secure_noise and cfg.private:  # nothing left to resume: the secret generator states go
+        st = run.state_dict()
+        st["rng"] = {k: (None if k in SECRET_STREAMS else v) for k, v in st["rng"].items()}
+        _write_checkpoint(ck, st)
     atomic_write_json(out / "summary.json", summary)
     return RunResult(out, cfg, metrics, summary)
 
@@ -640,7 +689,7 @@ def _summary(run: _Run, stopped: str | None) -> dict[str, Any]:
         "test_acc": last.get("test_acc", math.nan),
         "test_loss": last.get("test_loss", math.nan),
         "best_test_acc": max((r["test_acc"] for r in run.rows), default=math.nan),
-        "train_loss": last.get("train_loss", math.nan),
+        "train_loss": last.get("train_loss", math.nan) if run.releases_train_loss else None,
         "private": cfg.private,
         "epsilon": run.ledger.epsilon() if run.ledger is not None else math.inf,
         "target_epsilon": cfg.epsilon if cfg.private else None,
