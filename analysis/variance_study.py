@@ -71,7 +71,9 @@ def mechanism(out: Path, args) -> None:
             lr=args.lr, batch_size=args.batch_size, epsilon=args.epsilon,
             regimes=tuple(args.regimes), seeds=tuple(args.seeds),
             recipes=tuple(args.recipes) if args.recipes else default_recipes(),
-            update_draws=4 if args.quick else 8, validate_every=0 if args.quick else 5, threads=args.threads)
+            update_draws=4 if args.quick else 8,
+            validate_every=args.validate_every if args.validate_every is not None else (0 if args.quick else 5),
+            threads=args.threads)
         t0 = time.time()
         res = run_mechanism(cfg, out / "mechanism" / model,
                             log=lambda s: print(f"  [{time.time() - t0:6.0f} s] {model}: {s}", flush=True))
@@ -184,8 +186,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma list (default 0,1,2; --quick: 0)")
     ap.add_argument("--epochs", type=int, default=None, help="mechanism epochs (default 15; --quick: 4)")
     ap.add_argument("--rotation-epochs", type=int, default=None, help="rotation epochs (default 10; --quick: 3)")
-    ap.add_argument("--regimes", type=_csv_list, default=["sgd", "sgd+noise", "dp-sgd"],
-                    help="comma list of regimes, optionally with a learning rate: sgd,sgd+noise,dp-sgd,dp-sgd:lr=2")
+    ap.add_argument("--regimes", type=_csv_list, default=None,
+                    help="comma list of regimes, optionally with their own learning rate (default "
+                         "sgd,sgd+noise,dp-sgd,dp-sgd:lr=2; --quick: sgd,sgd+noise,dp-sgd)")
+    ap.add_argument("--validate-every", type=int, default=None,
+                    help="measure the update variance every k-th epoch and at the last (default 5; 0: last only; "
+                         "--quick: last only)")
     ap.add_argument("--recipes", type=_csv_list, default=None,
                     help="mechanism recipes (default: fp8, fp4, luq_fp4, int8, those registered)")
     ap.add_argument("--rotation-recipe", default="fp4")
@@ -197,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.seeds is None:
         args.seeds = [0] if args.quick else [0, 1, 2]
+    if args.regimes is None:
+        args.regimes = ["sgd", "sgd+noise", "dp-sgd"] + ([] if args.quick else ["dp-sgd:lr=2"])
     args.out.mkdir(parents=True, exist_ok=True)
     parts = args.only or list(DEFAULT_PARTS)
     fns = {"law": law, "mechanism": mechanism, "rotation": rotation, "analytic": analytic, "drop": drop}
