@@ -73,7 +73,7 @@ def test_mean_sd_and_tables():
         for regime, f in (("sgd", 1.0), ("dp-sgd", 2.0 + seed)):
             for epoch in (0, 1):
                 gn.append({"model": "m", "regime": regime, "seed": seed, "epoch": epoch, "layer": "l",
-                           "layer_index": 0, "recipe": "fp4", "linf_median": f * (epoch + 1), "l2_median": 2.0,
+                           "layer_index": 0, "recipe": "fp4", "linf_median": f * (epoch + 1), "linf_mean": f, "l2_median": 2.0,
                            "spread_median": 9.0, "noise_to_clipped_elem": 30.0, "test_acc": 0.5,
                            "quant_var_rel": 0.01, "quant_var": f})
     gn = pd.DataFrame(gn)

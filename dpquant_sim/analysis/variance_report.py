@@ -44,24 +44,26 @@ def _fmt(m: float, s: float, digits: int = 3) -> str:
 
 # ------------------------------------------------------------------------------------------------ tables
 def mechanism_table(gn: pd.DataFrame, *, recipe: str | None = None) -> pd.DataFrame:
-    """Per (model, regime, layer): the raw-gradient inf-norm, 2-norm and spread at the last epoch, and the
-    inf-norm relative to SGD (same seed, epoch and layer), at the last epoch and averaged over epochs 1..E;
-    mean +- std over seeds. One recipe's rows are used (the norms do not depend on it)."""
+    """Per (model, regime, layer): the raw-gradient inf-norm (median over examples), 2-norm and spread at the
+    last epoch, and the inf-norm relative to SGD's (same seed, epoch and layer) at the last epoch and averaged
+    over epochs 1..E (median over examples, and mean over examples: ``linf_mean_vs_sgd_avg``); mean +- std over
+    seeds. One recipe's rows are used (the norms do not depend on it)."""
     recipe = recipe or gn["recipe"].iloc[0]
     d = gn[gn["recipe"] == recipe].copy()
     last = d["epoch"].max()
     keys = ["model", "seed", "epoch", "layer"]
-    sgd = d[d["regime"] == "sgd"][keys + ["linf_median", "l2_median"]].rename(
-        columns={"linf_median": "linf_sgd", "l2_median": "l2_sgd"})
+    sgd = d[d["regime"] == "sgd"][keys + ["linf_median", "linf_mean"]].rename(
+        columns={"linf_median": "linf_sgd", "linf_mean": "linf_mean_sgd"})
     d = d.merge(sgd, on=keys, how="left")
     d["linf_vs_sgd"] = d["linf_median"] / d["linf_sgd"]
-    d["l2_vs_sgd"] = d["l2_median"] / d["l2_sgd"]
+    d["linf_mean_vs_sgd"] = d["linf_mean"] / d["linf_mean_sgd"]
     at_last = d[d["epoch"] == last]
-    avg = d[d["epoch"] > 0].groupby(["model", "regime", "layer", "seed"], sort=False)["linf_vs_sgd"].mean()
-    avg = avg.rename("linf_vs_sgd_avg").reset_index()
+    avg = d[d["epoch"] > 0].groupby(["model", "regime", "layer", "seed"], sort=False)[
+        ["linf_vs_sgd", "linf_mean_vs_sgd"]].mean().reset_index()
     rows = []
     for (model, regime, layer), g in at_last.groupby(["model", "regime", "layer"], sort=False):
-        a = avg[(avg["model"] == model) & (avg["regime"] == regime) & (avg["layer"] == layer)]["linf_vs_sgd_avg"]
+        sel = avg[(avg["model"] == model) & (avg["regime"] == regime) & (avg["layer"] == layer)]
+        a, am = sel["linf_vs_sgd"], sel["linf_mean_vs_sgd"]
         rows.append({"model": model, "regime": regime, "layer": layer, "layer_index": g["layer_index"].iloc[0],
                      "epoch": int(last), "seeds": len(g),
                      "linf_median": _fmt(g["linf_median"].mean(), g["linf_median"].std(ddof=1) if len(g) > 1 else 0),
@@ -69,6 +71,7 @@ def mechanism_table(gn: pd.DataFrame, *, recipe: str | None = None) -> pd.DataFr
                      "spread_median": _fmt(g["spread_median"].mean(), g["spread_median"].std(ddof=1) if len(g) > 1 else 0),
                      "linf_vs_sgd_last": _fmt(g["linf_vs_sgd"].mean(), g["linf_vs_sgd"].std(ddof=1) if len(g) > 1 else 0),
                      "linf_vs_sgd_avg": _fmt(a.mean(), a.std(ddof=1) if len(a) > 1 else 0),
+                     "linf_mean_vs_sgd_avg": _fmt(am.mean(), am.std(ddof=1) if len(am) > 1 else 0),
                      "noise_to_clipped_elem": _fmt(g["noise_to_clipped_elem"].mean(),
                                                    g["noise_to_clipped_elem"].std(ddof=1) if len(g) > 1 else 0),
                      "test_acc": _fmt(g["test_acc"].mean(), g["test_acc"].std(ddof=1) if len(g) > 1 else 0)})
