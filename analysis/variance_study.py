@@ -61,7 +61,7 @@ def law(out: Path, args) -> None:
 
 def mechanism(out: Path, args) -> None:
     from dpquant_sim.analysis.mechanism import MechanismConfig, default_recipes, run_mechanism
-    from dpquant_sim.analysis.variance_report import mechanism_table, update_table
+    from dpquant_sim.analysis.variance_report import loss_adjusted_table, mechanism_table, quant_table, update_table
     from dpquant_sim.io import atomic_write_df
 
     frames: dict[str, list[pd.DataFrame]] = {"grad_norms": [], "update_variance": [], "runs": []}
@@ -84,8 +84,8 @@ def mechanism(out: Path, args) -> None:
     atomic_write_df(out / "grad_norms.csv", gn)
     atomic_write_df(out / "update_variance.csv", uv)
     atomic_write_df(out / "runs.csv", pd.concat(frames["runs"], ignore_index=True))
-    print(mechanism_table(gn).to_string(index=False))
-    print(update_table(uv).to_string(index=False))
+    for table in (mechanism_table(gn), loss_adjusted_table(gn), quant_table(gn), update_table(uv)):
+        print(table.to_string(index=False))
 
 
 def rotation(out: Path, args) -> None:

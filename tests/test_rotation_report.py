@@ -39,7 +39,8 @@ def test_rotation_summary_arithmetic():
     assert len(runs) == 1
     r = runs.iloc[0]
     assert r["final_test_acc"] == pytest.approx(0.9) and r["quant_var"] == pytest.approx(4.0)  # (2+3, 0+3, ...)/4
-    assert r["quant_var_over_noise"] == pytest.approx(4.0 / 20.0) and r["quant_bias2_over_signal"] == pytest.approx(0.25)
+    assert r["quant_var_over_noise"] == pytest.approx(4.0 / 20.0)
+    assert r["quant_bias2_over_signal"] == pytest.approx(0.25)
     assert R.spearman([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
     assert np.isnan(R.spearman([1, 2], [1, 2]))
 
@@ -73,7 +74,8 @@ def test_mean_sd_and_tables():
         for regime, f in (("sgd", 1.0), ("dp-sgd", 2.0 + seed)):
             for epoch in (0, 1):
                 gn.append({"model": "m", "regime": regime, "seed": seed, "epoch": epoch, "layer": "l",
-                           "layer_index": 0, "recipe": "fp4", "linf_median": f * (epoch + 1), "linf_mean": f, "l2_median": 2.0,
+                           "layer_index": 0, "recipe": "fp4", "linf_median": f * (epoch + 1), "linf_mean": f,
+                           "l2_median": 2.0,
                            "spread_median": 9.0, "noise_to_clipped_elem": 30.0, "test_acc": 0.5,
                            "quant_var_rel": 0.01, "quant_var": f})
     gn = pd.DataFrame(gn)
@@ -93,7 +95,8 @@ def test_report_and_cli(tmp_path):
 
     assert set(fits["recipe"]) == set(RECIPES)  # every registered recipe, luq_fp4 included once it exists
     html = (tmp_path / "report.html").read_text()
-    assert "Proposition 1" in html and "<script src=\"http" not in html and (tmp_path / "report_data" / "law.csv").is_file()
+    assert "Proposition 1" in html and "<script src=\"http" not in html
+    assert (tmp_path / "report_data" / "law.csv").is_file()
     with pytest.raises(ConfigError, match="study folder"):
         VR.build_variance_report(tmp_path / "empty")
 
@@ -105,3 +108,16 @@ def test_cli_bad_flag_is_one_line(tmp_path, capsys):
     assert mod.main(["--out", str(tmp_path), "--only", "mechanism", "--regimes", "adam"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "regime" in err[0] and "sgd+noise" in err[0]
+
+
+def test_loss_adjusted_table_recovers_regime_factors():
+    # linf = 2 * loss (sgd) and 2 * 3 * loss (dp-sgd): pooled slope 1, residual factors sqrt(3) apart.
+    rows = []
+    for seed in (0, 1):
+        for regime, f in (("sgd", 1.0), ("dp-sgd", 3.0)):
+            for epoch, loss in ((1, 2.0), (2, 1.0), (3, 0.5)):
+                rows.append({"model": "m", "layer": "l", "recipe": "fp4", "regime": regime, "seed": seed,
+                             "epoch": epoch, "loss_mean": loss, "linf_median": 2 * f * loss})
+    t = VR.loss_adjusted_table(pd.DataFrame(rows)).iloc[0]
+    assert t["slope"] == pytest.approx(1.0) and t["R2"] < 1
+    assert t["dp-sgd"].startswith("1.73") and t["sgd"].startswith("0.577")

@@ -21,11 +21,11 @@ and divides by the expected batch size B. This module measures that chain on a m
 
       Var_q(u_l) = sum_i c_i^2 Var(G_i,l) / B^2    next to the DP noise  sigma^2 C^2 d_l / B^2.
 
-  This is the *direct* term (the error of layer l's own ``qdy`` in layer l's own gradient); errors that a
-  quantized layer passes on to the layers before it (through its ``dx = qdy qW``) are not in it, and the
-  comparison with :func:`update_variance_mc` measures how much they add. ``model="law"`` replaces the exact
-  ``v`` by the recipe's fitted Proposition-1 law ``v = c rms^2 (||dy_i||_inf^2 / rms^2)^b`` per element: the
-  variance predicted from the two norms alone.
+  This is the *direct* term (the error of layer l's own ``qdy`` in layer l's own gradient). Errors that a
+  quantized layer passes on to the layers before it (through its ``dx = qdy qW``) are added by an isotropic
+  first-order rule (the *propagated* term, see the function). ``model="law"`` replaces the exact ``v`` by the
+  recipe's fitted Proposition-1 law ``v = c rms^2 (||dy_i||_inf^2 / rms^2)^b`` per element: the variance
+  predicted from the two norms alone.
 - :func:`update_variance_mc`: the same quantity measured: ``draws`` independent stochastic-rounding draws of
   the engine's quantized per-sample gradients (Opacus over the Q layers), clipped and summed as the engine
   does, variance across draws per coordinate, summed per layer.

@@ -233,7 +233,8 @@ def probe_epoch(study: MechanismConfig, model: torch.nn.Module, data, *, regime:
         gnorm = probe.layer_grad_norm[:, j].double()
         d_l = probe.layer_params[layer]
         elem = (c_dp * gnorm / math.sqrt(d_l)).numpy()  # RMS element of the clipped per-example block
-        base = {**key, "layer": layer, "layer_index": probe.call_order.index(layer), "n_elements": probe.dy[layer][0].numel(),
+        base = {**key, "layer": layer, "layer_index": probe.call_order.index(layer),
+                "n_elements": probe.dy[layer][0].numel(),
                 "layer_params": d_l, **gp.summarize(linf, "linf"), **gp.summarize(l2, "l2"),
                 **gp.summarize(linf**2 / np.maximum(l2**2, 1e-300) * probe.dy[layer][0].numel(), "spread"),
                 **gp.summarize(gnorm.numpy(), "grad_norm"),

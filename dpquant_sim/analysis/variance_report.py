@@ -64,21 +64,40 @@ def mechanism_table(gn: pd.DataFrame, *, recipe: str | None = None) -> pd.DataFr
     for (model, regime, layer), g in at_last.groupby(["model", "regime", "layer"], sort=False):
         sel = avg[(avg["model"] == model) & (avg["regime"] == regime) & (avg["layer"] == layer)]
         a, am = sel["linf_vs_sgd"], sel["linf_mean_vs_sgd"]
+        ms = (lambda c: _fmt(g[c].mean(), g[c].std(ddof=1) if len(g) > 1 else 0.0))
         rows.append({"model": model, "regime": regime, "layer": layer, "layer_index": g["layer_index"].iloc[0],
-                     "epoch": int(last), "seeds": len(g),
-                     "linf_median": _fmt(g["linf_median"].mean(), g["linf_median"].std(ddof=1) if len(g) > 1 else 0),
-                     "l2_median": _fmt(g["l2_median"].mean(), g["l2_median"].std(ddof=1) if len(g) > 1 else 0),
-                     "spread_median": _fmt(g["spread_median"].mean(), g["spread_median"].std(ddof=1) if len(g) > 1 else 0),
-                     "linf_vs_sgd_last": _fmt(g["linf_vs_sgd"].mean(), g["linf_vs_sgd"].std(ddof=1) if len(g) > 1 else 0),
+                     "epoch": int(last), "seeds": len(g), "linf_median": ms("linf_median"),
+                     "l2_median": ms("l2_median"), "spread_median": ms("spread_median"),
+                     "linf_vs_sgd_last": ms("linf_vs_sgd"),
                      "linf_vs_sgd_avg": _fmt(a.mean(), a.std(ddof=1) if len(a) > 1 else 0),
                      "linf_mean_vs_sgd_avg": _fmt(am.mean(), am.std(ddof=1) if len(am) > 1 else 0),
-                     "noise_to_clipped_elem": _fmt(g["noise_to_clipped_elem"].mean(),
-                                                   g["noise_to_clipped_elem"].std(ddof=1) if len(g) > 1 else 0),
-                     "test_acc": _fmt(g["test_acc"].mean(), g["test_acc"].std(ddof=1) if len(g) > 1 else 0)})
+                     "noise_to_clipped_elem": ms("noise_to_clipped_elem"), "test_acc": ms("test_acc")})
     out = pd.DataFrame(rows)
     order = {r: i for i, r in enumerate(REGIME_ORDER)}
     return out.sort_values(["model", "layer_index", "regime"], key=lambda s: s.map(order) if s.name == "regime"
                            else s).drop(columns="layer_index").reset_index(drop=True)
+
+
+def loss_adjusted_table(gn: pd.DataFrame, *, recipe: str | None = None) -> pd.DataFrame:
+    """Is a regime's inf-norm explained by how far training has got? Per (model, layer): least squares of
+    log median ||dy_i||_inf on log(probe loss) pooled over regimes, seeds and epochs 1..E (slope, R^2), and each
+    regime's mean residual as a factor (exp), mean +- std over seeds: 1 = the inf-norm the loss predicts."""
+    recipe = recipe or gn["recipe"].iloc[0]
+    d = gn[(gn["recipe"] == recipe) & (gn["epoch"] > 0) & (gn["loss_mean"] > 0) & (gn["linf_median"] > 0)]
+    rows = []
+    for (model, layer), g in d.groupby(["model", "layer"], sort=False):
+        X, Y = np.log(g["loss_mean"].to_numpy()), np.log(g["linf_median"].to_numpy())
+        A = np.stack([np.ones_like(X), X], 1)
+        coef, *_ = np.linalg.lstsq(A, Y, rcond=None)
+        res = Y - A @ coef
+        row: dict[str, Any] = {"model": model, "layer": layer, "slope": round(float(coef[1]), 3),
+                               "R2": round(float(1 - res.var() / Y.var()), 3) if Y.var() > 0 else np.nan}
+        per = g.assign(res=res).groupby(["regime", "seed"], sort=False)["res"].mean()
+        for regime, r in per.groupby(level=0, sort=False):
+            f = np.exp(r.to_numpy())
+            row[regime] = _fmt(f.mean(), f.std(ddof=1) if len(f) > 1 else 0.0)
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def quant_table(gn: pd.DataFrame) -> pd.DataFrame:
@@ -106,7 +125,8 @@ def update_table(uv: pd.DataFrame) -> pd.DataFrame:
     squared quantization bias / signal; mean +- std over seeds x validation epochs, plus the per-layer range
     of predicted / measured."""
     tot = uv.groupby(["model", "regime", "recipe", "seed", "epoch"], sort=False)[
-        ["pred_direct", "pred_total", "pred_law_total", "mc_var", "mc_bias2", "signal", "noise_var"]].sum().reset_index()
+        ["pred_direct", "pred_total", "pred_law_total", "mc_var", "mc_bias2", "signal", "noise_var"]
+    ].sum().reset_index()
     tot["ratio"] = tot["pred_total"] / tot["mc_var"]
     tot["ratio_direct"] = tot["pred_direct"] / tot["mc_var"]
     tot["ratio_law"] = tot["pred_law_total"] / tot["mc_var"]
@@ -148,7 +168,8 @@ def rotation_tables(rot: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.D
                      "quantized FLOP share": _fmt(r["quantized_flop_share"].mean(), sd(r["quantized_flop_share"])),
                      "final test acc": _fmt(r["final_test_acc"].mean(), sd(r["final_test_acc"])),
                      "quant var / noise var": _fmt(r["quant_var_over_noise"].mean(), sd(r["quant_var_over_noise"])),
-                     "quant bias^2 / signal": _fmt(r["quant_bias2_over_signal"].mean(), sd(r["quant_bias2_over_signal"])),
+                     "quant bias^2 / signal": _fmt(r["quant_bias2_over_signal"].mean(),
+                                                   sd(r["quant_bias2_over_signal"])),
                      "measured / (1-p)Var_fp+pVar_q (quant part)": _fmt(per_seed["quant_ratio"].mean(),
                                                                          sd(per_seed["quant_ratio"])),
                      "same, total incl. noise": _fmt(per_seed["total_ratio"].mean(), sd(per_seed["total_ratio"]))})
@@ -213,7 +234,8 @@ def build_sections(folder: Path) -> list[Any]:
         rec = "fp4" if "fp4" in set(gn["recipe"]) else gn["recipe"].iloc[0]
         mt = mechanism_table(gn, recipe=rec)
         for col, title, ytitle, logy in (
-            ("linf_median", "Raw per-example output gradients: median over examples of ||dy_i||_inf", "||dy_i||_inf", True),
+            ("linf_median", "Raw per-example output gradients: median over examples of ||dy_i||_inf",
+             "||dy_i||_inf", True),
             ("l2_median", "Raw per-example output gradients: median of ||dy_i||_2", "||dy_i||_2", True),
             ("spread_median", "Shape of dy_i: median spread ||dy_i||_inf^2 / rms(dy_i)^2 (what a max-scaled "
                               "quantizer's relative error depends on)", "spread", False),
@@ -232,8 +254,11 @@ def build_sections(folder: Path) -> list[Any]:
         fig = _scatter(d, x="loss_mean", y="linf_median", color="regime", facet="panel", title=(
             "||dy_i||_inf against the probe batch's mean loss: at equal loss the regimes have equal gradients?"),
             x_title="mean probe loss", y_title="median ||dy_i||_inf")
+        note = ("<p>log ||dy_i||_inf regressed on log(probe loss), pooled over regimes: slope, R^2 and each regime's "
+                "mean residual as a factor (1 = the inf-norm its loss predicts; mean +- std over seeds).</p>")
         sections.append(Section("Inf-norm vs loss", fig, d[["model", "regime", "seed", "epoch", "layer", "loss_mean",
-                                                           "linf_median"]], "", "mech_linf_loss"))
+                                                           "linf_median"]],
+                                note + _df_html(loss_adjusted_table(gn, recipe=rec)), "mech_linf_loss"))
         q = gn[gn["epoch"] > 0].groupby(["model", "regime", "recipe", "seed", "epoch"], sort=False)[
             "quant_var_rel"].mean().reset_index()
         qa = mean_sd(q, ["model", "regime", "recipe", "epoch"], "quant_var_rel")
@@ -304,5 +329,6 @@ def build_variance_report(folder: str | Path, *, title: str = "Variance amplific
     return out
 
 
-__all__ = ["mean_sd", "mechanism_table", "quant_table", "update_table", "rotation_tables", "build_sections",
+__all__ = ["mean_sd", "mechanism_table", "loss_adjusted_table", "quant_table", "update_table", "rotation_tables",
+           "build_sections",
            "build_variance_report"]
