@@ -39,6 +39,23 @@ class DatasetError(DPQuantError, ValueError):
     """A dataset folder is missing or malformed (says what was expected where)."""
 
 
+class RunFolderError(DPQuantError):
+    """A run or sweep folder cannot be used as asked: another process is writing it, it holds another config,
+    or its files disagree with each other (hand-edited or damaged)."""
+
+
+class OutputError(DPQuantError, OSError):
+    """A result cannot be written (a read-only folder, a full disk, a file where a folder should be). Names the
+    path and the OS reason; still an OSError (``errno`` is kept) for callers that catch those."""
+
+    def __init__(self, path: object, reason: str, errno: int | None = None):
+        super().__init__(errno, reason, str(path))
+        self.message = f"cannot write {str(path)!r}: {reason}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def check_choice(field: str, value: object, allowed: Iterable[object]) -> None:
     """Raise ConfigError unless ``value`` is one of ``allowed``.
 

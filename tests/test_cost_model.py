@@ -19,24 +19,32 @@ SRC = "https://example.org/datasheet"
 
 
 def _peak(v, unit="TFLOP/s"):
-    return {"value": v, "unit": unit, "dense": True, "source": SRC}
+    return {"value": v, "unit": unit, "source": SRC, "provenance": "assumption"}
+
+
+def _q(v, unit=None):
+    d = {"value": v, "source": SRC, "provenance": "assumption"}
+    if unit:
+        d["unit"] = unit
+    return d
 
 
 def toy_profile(**over) -> "object":
     """Round numbers: bf16 100 TFLOP/s, fp8 400 (4x), fp32 10, vector 10, 1 TB/s, gemm eff 0.5, bw eff 0.8, 2 us."""
     d = {
         "name": "toy", "display_name": "Toy", "vendor": "test", "kind": "gpu",
-        "peaks": {"fp32": _peak(10), "tf32": _peak(50), "bf16": _peak(100), "fp16": _peak(100), "fp8": _peak(400),
+        "peaks": {"fp32": _peak(10), "tf32": _peak(50), "bf16": _peak(100), "fp16": _peak(100),
+                  "fp8": {**_peak(400), "faster_than_2x": True},
                   "fp6": {"supported": False, "fallback": "fp8"}, "fp4": {"supported": False, "fallback": "fp8"},
-                  "int8": _peak(400, "TOP/s"), "int4": {"supported": False, "fallback": "int8"}},
-        "vector": {"value": 10, "unit": "TFLOP/s", "source": SRC},
-        "memory": {"bandwidth": {"value": 1, "unit": "TB/s", "source": SRC},
-                   "capacity": {"value": 80, "unit": "GB", "source": SRC}},
-        "onchip": {"value": 50, "unit": "MB", "source": SRC},
-        "tdp": {"value": 500, "unit": "W", "source": SRC},
-        "efficiency": {"gemm": {"value": 0.5, "source": SRC}, "bandwidth": {"value": 0.8, "source": SRC}},
-        "launch_floor": {"value": 2, "unit": "us", "source": SRC},
-        "price_per_hour": {"value": 3.6, "unit": "USD/h", "source": SRC},
+                  "int8": {**_peak(400, "TOP/s"), "faster_than_2x": True},
+                  "int4": {"supported": False, "fallback": "int8"}},
+        "vector": _q(10, "TFLOP/s"),
+        "memory": {"bandwidth": _q(1, "TB/s"), "capacity": _q(80, "GB")},
+        "onchip": _q(50, "MB"),
+        "tdp": _q(500, "W"),
+        "efficiency": {"gemm": _q(0.5), "bandwidth": _q(0.8)},
+        "launch_floor": _q(2, "us"),
+        "price_per_hour": {**_q(3.6, "USD/h"), "as_of": "2026-01", "offer": "toy offer"},
     }
     d.update(over)
     return parse_profile(d)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import re
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -241,3 +243,85 @@ def test_gtsrb_train_csv_layout_and_errors(tmp_path):
 def test_gtsrb_missing(tmp_path):
     with pytest.raises(DatasetError, match="no training GT-000NN.csv"):
         load_dataset("gtsrb", data_dir=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+def _gtsrb_csv_layout(root):
+    (root / "Train" / "3").mkdir(parents=True)
+    (root / "Test").mkdir()
+    write_ppm(root / "Train" / "3" / "a.ppm", np.zeros((20, 25, 3)))
+    write_ppm(root / "Test" / "b.ppm", np.full((32, 32, 3), 255))
+    head = "Width,Height,Roi.X1,Roi.Y1,Roi.X2,Roi.Y2,ClassId,Path\n"
+    (root / "Train.csv").write_text(head + "25,20,1,1,20,18,3,Train/3/a.ppm\n")
+    return head
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "dotdot-inside", "backslash"])
+def test_gtsrb_paths_cannot_leave_the_data_folder(tmp_path, where):
+    """Reproducer: a CSV path that is absolute or climbs with '..' used to be read from outside data_dir."""
+    root, outside = tmp_path / "data", tmp_path / "secret"
+    outside.mkdir()
+    write_ppm(outside / "s.ppm", np.full((32, 32, 3), 7))
+    head = _gtsrb_csv_layout(root)
+    path = {"absolute": str(outside / "s.ppm"), "dotdot": "../secret/s.ppm",
+            "dotdot-inside": "Test/../../secret/s.ppm", "backslash": "..\\secret\\s.ppm"}[where]
+    (root / "Test.csv").write_text(head + f"32,32,0,0,31,31,4,{path}\n")
+    with pytest.raises(DatasetError, match=r"Test.csv' row 2: image path .* leaves the data folder"):
+        load_dataset("gtsrb", data_dir=root)
+    # the official layout's Filename column is confined the same way
+    make_gtsrb_official(tmp_path / "official")
+    gt = tmp_path / "official" / "GT-final_test.csv"
+    gt.write_text(gt.read_text().replace("00001.ppm", str(outside / "s.ppm")))
+    with pytest.raises(DatasetError, match="leaves the data folder"):
+        load_dataset("gtsrb", data_dir=tmp_path / "official")
+
+
+def test_gtsrb_csv_not_utf8_and_bad_roi(tmp_path):
+    head = _gtsrb_csv_layout(tmp_path)
+    (tmp_path / "Test.csv").write_bytes((head + "32,32,0,0,31,31,4,Test/b\xe9.ppm\n").encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"Test.csv' is not UTF-8 text \(byte 0xe9 at offset 78\)"):
+        load_dataset("gtsrb", data_dir=tmp_path)
+    (tmp_path / "Test.csv").write_text(head + "32,32,x,0,31,31,4,Test/b.ppm\n")
+    load_dataset("gtsrb", data_dir=tmp_path)  # the ROI is read only when cropping
+    with pytest.raises(DatasetError, match=r"row 2: ROI Roi.X1='x', Roi.Y1='0', .*; expected four integers"):
+        load_dataset("gtsrb", data_dir=tmp_path, crop_roi=True)
+    for roi in ("20,0,10,31", "0,0,-1,31", "40,0,45,31"):  # inverted, negative, outside the 32x32 image
+        (tmp_path / "Test.csv").write_text(head + f"32,32,{roi},4,Test/b.ppm\n")
+        with pytest.raises(DatasetError, match=r"row 2: ROI .* crops nothing of a 32x32 image"):
+            load_dataset("gtsrb", data_dir=tmp_path, crop_roi=True)
+
+
+@pytest.mark.parametrize("header,needle", [
+    (b"P6\n2 2\n0\n", "maxval=0; expected width and height >= 1 and maxval in 1..65535"),
+    (b"P6\n0 2\n255\n", "width=0"),
+    (b"P6\n2 2\n70000\n", "maxval=70000"),
+    (b"P3\n1 1\n15\n", "pixel values span 0..200, expected 0..15"),
+    (b"P3\n1 1\n255\n", "non-numeric pixel value"),
+])
+def test_ppm_bad_header_values(tmp_path, header, needle):
+    body = {b"P3\n1 1\n15\n": b"0 0 200\n", b"P3\n1 1\n255\n": b"0 x 1\n"}.get(header, bytes(12))
+    (tmp_path / "z.ppm").write_bytes(header + body)
+    with pytest.raises(DatasetError, match=re.escape(needle)):
+        read_ppm(tmp_path / "z.ppm")
+
+
+def test_emnist_gz_with_a_bad_deflate_stream(tmp_path):
+    """Reproducer: a flipped byte inside the deflate stream raised zlib.error, not a DatasetError."""
+    make_emnist(tmp_path, gz=True)
+    p = tmp_path / "emnist-balanced-train-images-idx3-ubyte.gz"
+    good = p.read_bytes()
+
+    def inflate_error(off):
+        raw = bytearray(good)
+        raw[off] ^= 0xFF
+        try:
+            gzip.decompress(bytes(raw))
+        except zlib.error:
+            return bytes(raw)
+        except Exception:  # noqa: BLE001 - header or CRC damage: not this reproducer
+            return None
+
+    bad = next(b for b in map(inflate_error, range(10, len(good) - 8)) if b is not None)
+    p.write_bytes(bad)
+    with pytest.raises(DatasetError, match=r"cannot read '.*train-images-idx3-ubyte.gz': .*invalid"):
+        load_dataset("emnist", data_dir=tmp_path)

@@ -22,6 +22,7 @@ import torch
 from opacus import GradSampleModule
 
 import dpquant_sim.nn as qnn
+from dpquant_sim.clipping_rules import CLIPPING_ALGORITHMS, DEFAULT_CLIPPING
 from dpquant_sim.errors import DPSafetyError
 from dpquant_sim.nn import QConv2d
 from dpquant_sim.nn.config import RECIPES
@@ -40,7 +41,7 @@ def _one_step(tmp_path, model: str, recipe: str, n: int, **extra) -> tuple[Train
         dataset="digits", model=model, n_train=n, n_test=4, batch_size=n, epochs=1, lr=float(n),
         noise_multiplier=1e-3, max_grad_norm=C, recipe=recipe, schedule={"kind": "static-all"},
         eval_batch_size=4, **extra))
-    out = tmp_path / f"{model}-{recipe}-{n}"
+    out = tmp_path / f"{model}-{recipe}-{n}-{extra.get('clipping', '')}"
     train(cfg, out, progress=False)
     return cfg, load_checkpoint(out / "checkpoint.pt")["model"]
 
@@ -60,15 +61,26 @@ def test_neighbouring_datasets_are_neighbours():
     assert all(torch.equal(x[: N - 1], y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("model", ["cnn", "resnet18-w16"])
-@pytest.mark.parametrize("recipe", list(RECIPES))
-def test_neighbouring_sensitivity_is_clip_norm(tmp_path, model, recipe):
+def _cases():
+    """cnn: every recipe x every clipping algorithm; resnet18-w16: every recipe with the default algorithm, the
+    other algorithms in the slow suite."""
+    for alg in CLIPPING_ALGORITHMS:
+        for model in ("cnn", "resnet18-w16"):
+            slow = model != "cnn" and alg != DEFAULT_CLIPPING
+            for recipe in RECIPES:
+                yield pytest.param(model, recipe, alg, marks=[pytest.mark.slow] if slow else [],
+                                   id=f"{model}-{recipe}-{alg}")
+
+
+@pytest.mark.parametrize("model,recipe,clipping", list(_cases()))
+def test_neighbouring_sensitivity_is_clip_norm(tmp_path, model, recipe, clipping):
     if not RECIPES[recipe].dp_safe:
         with pytest.raises(DPSafetyError):
-            _one_step(tmp_path, model, recipe, N)
+            _one_step(tmp_path, model, recipe, N, clipping=clipping)
         return
-    d = neighbouring_distance(tmp_path, model, recipe)
-    assert 0.9 <= d <= 1 + 1e-5, f"{model}/{recipe}: removing one example moved the clipped sum by {d:.6f} C"
+    d = neighbouring_distance(tmp_path, model, recipe, clipping=clipping)
+    assert 0.9 <= d <= 1 + 1e-5, (f"{model}/{recipe}/{clipping}: removing one example moved the clipped sum by "
+                                  f"{d:.6f} C")
 
 
 def test_neighbouring_check_has_teeth(tmp_path, monkeypatch):
@@ -80,7 +92,7 @@ def test_neighbouring_check_has_teeth(tmp_path, monkeypatch):
     real_gsm, real_ce = opacus.GradSampleModule, F.cross_entropy
     monkeypatch.setattr(opacus, "GradSampleModule", lambda m, **kw: real_gsm(m, **{**kw, "loss_reduction": "mean"}))
     monkeypatch.setattr(F, "cross_entropy", lambda *a, **kw: real_ce(*a, **{**kw, "reduction": "mean"}))
-    d = neighbouring_distance(tmp_path, "cnn", "mxfp8")
+    d = neighbouring_distance(tmp_path, "cnn", "mxfp8", clipping="hooks")
     assert d > 1 + 1e-3
 
 

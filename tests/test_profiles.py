@@ -94,7 +94,7 @@ def test_unknown_key(tmp_path):
     d = _h100()
     d["peaks"]["fp8"]["speed"] = 3
     msg = _err(tmp_path, d)
-    assert "peaks.fp8.speed: unknown key" in msg and "value, unit, dense, source" in msg
+    assert "peaks.fp8.speed: unknown key" in msg and all(k in msg for k in ("value", "vendor_sparse", "provenance"))
 
 
 def test_unknown_top_level_key(tmp_path):
@@ -144,6 +144,7 @@ def test_bandwidth_too_low_for_the_compute(tmp_path):
 
 def test_fp8_slower_than_bf16_needs_a_declaration(tmp_path):
     d = _h100()
+    d["peaks"]["fp8"] = {k: v for k, v in d["peaks"]["fp8"].items() if not k.startswith("vendor_")}
     d["peaks"]["fp8"]["value"] = 500
     msg = _err(tmp_path, d)
     assert "peaks.fp8.value: 500" in msg and "slower than bf16" in msg and "slower_than_fallback: true" in msg
@@ -188,3 +189,106 @@ def test_several_problems_in_one_error(tmp_path):
     d["tdp"]["value"] = 0
     msg = _err(tmp_path, d)
     assert "peaks.bf16.unit" in msg and "tdp.value" in msg
+
+
+# ------------------------------------------------------------------------------ sourcing and the sparse rule
+COMMON = ["a100_sxm", "h100_sxm", "h200", "b200", "l4", "mi300x", "tpu_v5e", "tpu_v5p", "tpu_v6e"]
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_every_figure_says_where_it_comes_from(name):
+    p = get_profile(name)
+    figs = p.figures()
+    assert len(figs) >= 12
+    for key, q in figs:
+        assert q.provenance, (name, key)
+        if q.provenance in ("vendor", "vendor_copy"):
+            assert getattr(q, "page", ""), (name, key)  # vendor figures name the page or table
+        if q.provenance in ("derived", "assumption", "third_party", "transferred"):
+            assert q.note or key.endswith("latency") or q.provenance == "third_party", (name, key)
+    for prec in PRECISIONS:
+        e = getattr(p.peaks, prec)
+        if isinstance(e, Peak) and e.vendor_sparse:
+            assert e.value == pytest.approx(e.vendor_value / 2, rel=0.01)
+
+
+@pytest.mark.parametrize("name", COMMON)
+def test_common_accelerators_have_dated_prices(name):
+    pr = get_profile(name).price_per_hour
+    assert pr is not None and pr.value > 0 and pr.as_of and pr.offer and pr.source.startswith("https://")
+
+
+def test_sparse_figure_stored_as_dense_is_caught(tmp_path):
+    d = _h100()
+    d["peaks"]["fp8"]["value"] = d["peaks"]["fp8"]["vendor_value"]  # 3958 written as the dense figure
+    msg = _err(tmp_path, d)
+    assert "peaks.fp8" in msg and "sparse figure stored as dense" in msg
+    d = _h100()  # without the vendor figure, the 2x rule still catches it (fp8 = 4x bf16)
+    d["peaks"]["fp8"] = {k: v for k, v in d["peaks"]["fp8"].items() if not k.startswith("vendor_")}
+    d["peaks"]["fp8"]["value"] = 3958
+    msg = _err(tmp_path, d)
+    assert "peaks.fp8.value" in msg and "looks like a sparse figure stored as dense" in msg
+    d["peaks"]["fp8"]["faster_than_2x"] = True  # a declared exception loads
+    assert load_profile_file(_write(tmp_path, d)).peak_flops("fp8") == pytest.approx(3958e12)
+
+
+def test_old_dense_key_gets_a_migration_message(tmp_path):
+    d = _h100()
+    d["peaks"]["bf16"]["dense"] = False
+    msg = _err(tmp_path, d)
+    assert "peaks.bf16: dense: this key was renamed" in msg and "vendor_sparse" in msg
+
+
+def test_vendor_figures_need_a_page(tmp_path):
+    d = _h100()
+    d["peaks"]["bf16"].pop("page")
+    assert "page: required with provenance 'vendor_copy'" in _err(tmp_path, d)
+
+
+def test_fixed_figures():
+    g = get_profile("gaudi3")  # fp32 no longer at the BF16 matrix rate
+    assert g.peak_flops("fp32") < g.peak_flops("bf16") / 50 and g.peaks.fp32.uncertain
+    assert g.resolve("tf32") == "fp32"
+    r = get_profile("rtx5090")  # INT8 is not halved by FP32 accumulation: 2x the FP8 (FP32-acc) rate
+    assert r.peak_flops("int8") == pytest.approx(2 * r.peak_flops("fp8"))
+    for tpu in ("tpu_v5e", "tpu_v5p", "tpu_v6e", "tpu7x"):  # no VPU figure: vector work is memory-bound
+        assert get_profile(tpu).vector_flops is None
+
+
+def test_vector_work_never_runs_at_the_matrix_rate():
+    import torch.nn as tnn
+
+    from dpquant_sim.cost.flops import step_ops
+    from dpquant_sim.cost.model import op_time
+    from dpquant_sim.nn.shapes import trace_layers
+
+    shapes = trace_layers(tnn.Sequential(tnn.Linear(64, 64), tnn.ReLU(), tnn.Linear(64, 10)), (64,))
+    p = get_profile("tpu_v5e")
+    for o in step_ops(shapes, None, batch=32):
+        if o.kind == "vector" and o.theo:
+            assert op_time(o, p, "theoretical") == pytest.approx(o.bytes / p.bandwidth)
+
+
+def test_h100_kernel_fit_is_the_h200_fit():
+    h100, h200 = get_profile("h100_sxm"), get_profile("h200")
+    assert h100.kernel.efficiency == {k: v.model_copy(update={"provenance": "transferred", "note": v.note})
+                                      for k, v in h100.kernel.efficiency.items()}
+    for prec in ("fp32", "tf32", "bf16", "fp16", "fp8", "int8", "fp4"):
+        assert h100.gemm_efficiency(prec) == h200.gemm_efficiency(prec)
+    assert h100.kernel_constants == h200.kernel_constants
+    assert h100.error_band[:2] == h200.error_band[:2] and h100.error_band[2] == "transferred"
+    assert h200.error_band[2] == "measured"
+
+
+def test_precision_fallbacks_in_the_cost_output():
+    import torch.nn as tnn
+
+    from dpquant_sim.cost.model import estimate
+    from dpquant_sim.nn.shapes import trace_layers
+
+    shapes = trace_layers(tnn.Sequential(tnn.Linear(64, 64), tnn.ReLU(), tnn.Linear(64, 10)), (64,))
+    plan = {"0": "fp4", "2": "fp8"}
+    assert estimate(shapes, plan, get_profile("h100_sxm"), batch=8).summary()["fallbacks"] == {"fp4": "fp8"}
+    assert estimate(shapes, plan, get_profile("a100_sxm"), batch=8).summary()["fallbacks"] == {"fp4": "bf16",
+                                                                                               "fp8": "bf16"}
+    assert estimate(shapes, plan, get_profile("b200"), batch=8).summary()["fallbacks"] == {}

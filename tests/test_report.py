@@ -4,6 +4,7 @@ Chromium (where installed) loads it without console errors."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -97,6 +98,45 @@ def test_plan_matrix_counts_share_of_seeds():
 def test_report_on_empty_dir_is_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="runs/"):
         build_report(tmp_path)
+
+
+def _report_cli(args, capsys):
+    from dpquant_sim.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["report", *args])
+    return e.value.code, capsys.readouterr()
+
+
+def test_report_out_dir_and_other_accelerators_leave_the_sweep_table_alone(sweep_dir, tmp_path, capsys):
+    """Reproducers: `report --out DIR` raised IsADirectoryError; `report --accelerators X` rewrote the sweep's
+    results.csv with X's costs."""
+    code, out = _report_cli([str(sweep_dir), "--out", str(tmp_path)], capsys)
+    lines = [ln for ln in out.err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in out.err
+    assert f"report --out='{tmp_path}' is not allowed; expected an HTML file path, not a folder" in lines[0]
+    assert os.listdir(tmp_path) == []
+    table = {n: (sweep_dir / n).read_bytes() for n in ("results.csv", "results.parquet")}
+    html = tmp_path / "mi.html"
+    code, out = _report_cli([str(sweep_dir), "--accelerators", "mi355x", "--out", str(html)], capsys)
+    assert code == 0, out.err
+    assert {n: (sweep_dir / n).read_bytes() for n in table} == table
+    derived = pd.read_csv(tmp_path / "mi_results.csv")
+    assert set(derived["accelerator"]) == {"mi355x"} and (tmp_path / "mi_results.parquet").is_file()
+    assert set(pd.read_csv(sweep_dir / "results.csv")["accelerator"]) == {"h100_sxm", "b200"}
+
+
+def test_report_recollect_refuses_an_edited_run(sweep_dir, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(sweep_dir, sweep)
+    rd = next(p.parent for p in sorted(sweep.glob("runs/*/summary.json")))
+    m = pd.read_csv(rd / "metrics.csv")
+    m.loc[len(m) - 1, "test_acc"] = 0.99
+    m.to_csv(rd / "metrics.csv", index=False)
+    table = (sweep / "results.csv").read_bytes()
+    code, out = _report_cli([str(sweep), "--recollect"], capsys)
+    assert code == 2 and "metrics.csv disagrees with summary.json (test_acc=" in out.err and "Traceback" not in out.err
+    assert (sweep / "results.csv").read_bytes() == table
 
 
 def test_write_figure_html_and_csv(tmp_path, capsys):

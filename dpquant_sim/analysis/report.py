@@ -311,7 +311,38 @@ def build_sections(table: pd.DataFrame, *, title: str = "dpquant-sim report") ->
         extra = [c for c in summary.columns if c.startswith("share_") or c.startswith("time_fp")]
         if extra:
             sections[-1].html += "<p>Per-precision columns: " + ", ".join(map(html.escape, extra)) + "</p>"
+    notes = accelerator_notes(table)
+    if not notes.empty:
+        sections.append(Section("Accelerator notes: precision fallbacks and time error bands", data=notes,
+                                html=_df_html(notes) + "<p>runs as: precisions the schedule asks for that the "
+                                "accelerator has no native path for, and what runs instead (their time is "
+                                "that precision's). time band: range of the GEMM model's cross-validated "
+                                "error, measured on this device, transferred from the same silicon, or the "
+                                "generic band of a device without measurements (docs/cost_model.md).</p>",
+                                slug="accelerator_notes"))
     return sections
+
+
+def accelerator_notes(table: pd.DataFrame) -> pd.DataFrame:
+    """Per accelerator: the precision fallbacks its runs hit and the error band of its roofline times."""
+    if "accelerator" not in table.columns:
+        return pd.DataFrame()
+    from dpquant_sim.cost.profiles import load_profiles
+
+    profiles = load_profiles()
+    rows = []
+    for acc, g in table.groupby("accelerator", sort=True):
+        hw = g["hw"].iloc[0] if "hw" in g.columns else acc
+        fb = sorted({f.strip() for v in g.get("fallbacks", pd.Series(dtype=str)).dropna().astype(str)
+                     for f in v.split(",") if f.strip()})
+        row = {"accelerator": acc, "runs as": ", ".join(fb) or "(all native)"}
+        p = profiles.get(hw)
+        if p is not None:
+            lo, hi, basis = p.error_band
+            row["time band"] = f"{lo * 100:+.0f}% / {hi * 100:+.0f}%"
+            row["band from"] = basis
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _df_html(df: pd.DataFrame) -> str:
@@ -368,30 +399,48 @@ def build_report(
     """Write ``<sweep_dir>/report.html`` (or ``out``) and its figure data under ``<stem>_data/``.
 
     Uses ``results.parquet``/``results.csv`` of the folder; collects it first when absent (or
-    ``recollect=True``), costing on ``accelerators`` (default: the sweep's, else all profiles).
-    ``png=True`` also exports each figure as PNG beside its CSV (needs kaleido and a browser; otherwise a
-    one-line message per figure says so).
+    ``recollect=True``), costing on the sweep's accelerators (else all profiles). Explicit ``accelerators``
+    (a list of profile names or "all") re-cost the runs into a derived table written beside the report as
+    ``<stem>_results.csv``/``.parquet``: the sweep's own results table is never rewritten with other
+    accelerators. ``png=True`` also exports each figure as PNG beside its CSV (needs kaleido and a browser;
+    otherwise a one-line message per figure says so).
+
+    Raises ConfigError when ``sweep_dir`` has no runs/ or ``out`` is a folder; RunFolderError when a run's
+    metrics.csv disagrees with its summary.json (see ``sweep.collect.check_run_consistent``).
     """
-    from dpquant_sim.sweep.collect import TABLE_CSV, TABLE_PARQUET, collect_sweep, load_table
+    from dpquant_sim.io import clean_stale_temps
+    from dpquant_sim.sweep.collect import TABLE_CSV, TABLE_PARQUET, collect_sweep, load_table, write_table
 
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / "runs").is_dir():
         raise ConfigError("report dir", str(sweep_dir), "a sweep or demo folder containing runs/")
+    out = Path(out) if out is not None else sweep_dir / "report.html"
+    if out.is_dir():
+        raise ConfigError("report --out", str(out), f"an HTML file path, not a folder (e.g. {str(out / 'report.html')!r})")
     name = sweep_dir.name
     sweep_yaml = sweep_dir / "sweep.yaml"
-    if accelerators is None and sweep_yaml.is_file():
+    devices = [1]
+    sweep_accs = None
+    if sweep_yaml.is_file():
         import yaml
 
         raw = yaml.safe_load(sweep_yaml.read_text()) or {}
-        accelerators = raw.get("accelerators", "all")
+        devices = raw.get("devices") or [1]
+        sweep_accs = raw.get("accelerators", "all")
         name = raw.get("name", name)
     have = (sweep_dir / TABLE_PARQUET).is_file() or (sweep_dir / TABLE_CSV).is_file()
-    table = collect_sweep(sweep_dir, accelerators=accelerators or "all") if (recollect or not have) else load_table(
-        sweep_dir)
+    if accelerators is not None:  # a derived table, beside the report, never over the sweep's
+        table = collect_sweep(sweep_dir, accelerators=accelerators or "all", write=False, devices=devices)
+        write_table(table, out.with_name(out.stem + "_results.csv"))
+    elif recollect or not have:
+        table = collect_sweep(sweep_dir, accelerators=sweep_accs or "all", devices=devices)
+    else:
+        table = load_table(sweep_dir)
     title = title or f"dpquant-sim report: {name}"
     sections = build_sections(table, title=title)
-    out = Path(out) if out is not None else sweep_dir / "report.html"
     data_dir = out.with_name(out.stem + "_data")
+    for folder in (out.parent, data_dir):  # temporaries of a killed earlier report
+        clean_stale_temps(folder, owned=False)
     for s in sections:
         if s.data is not None:
             atomic_write_df(data_dir / f"{s.slug}.csv", s.data)

@@ -54,6 +54,9 @@ def fail(message: str, code: int = 2) -> "typer.Exit":
     return typer.Exit(code)
 
 
+INTERRUPTED = "interrupted; finished epochs and points are kept: rerun the same command to resume"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     _register()
@@ -61,9 +64,16 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv, standalone_mode=True)
     except DPQuantError as e:
         raise SystemExit(fail(str(e)).exit_code) from None
+    except OSError as e:  # an input that cannot be read, or an output error not raised as OutputError
+        where = f"{e.filename!r}: " if e.filename else ""
+        raise SystemExit(fail(f"{where}{e.strerror or e}").exit_code) from None
     except KeyboardInterrupt:
-        typer.secho("interrupted; finished work is kept and a rerun resumes", err=True)
+        typer.secho(INTERRUPTED, err=True)
         raise SystemExit(130) from None
+    except SystemExit as e:
+        if e.code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into a silent exit 130
+            typer.secho(INTERRUPTED, err=True)
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

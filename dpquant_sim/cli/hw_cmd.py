@@ -23,21 +23,29 @@ def _fmt_peak(p, prec: str) -> str:
 def hw_list(
     hw_dir: Optional[List[Path]] = typer.Option(None, "--hw-dir", help="extra folder of profile YAML files"),
 ) -> None:
-    """Table of every profile: dense peaks (TFLOP/s; '-> x' = runs as x; * = uncertain), memory, power."""
+    """Table of every profile: dense peaks (TFLOP/s; '-> x' = no native path, runs as x; * = uncertain), memory,
+    power, price, data-parallel reach and the error band of its GEMM times."""
     from rich.console import Console
     from rich.table import Table
 
     from dpquant_sim.cost.profiles import load_profiles
 
     profs = load_profiles(hw_dir or ())
-    t = Table(title="accelerator profiles (dense peaks, TFLOP/s or TOP/s)")
-    for col in ("name", "vendor", "fp32", "bf16", "fp8", "fp6", "fp4", "int8", "BW TB/s", "mem GB", "TDP W"):
-        t.add_column(col, justify="left" if col in ("name", "vendor") else "right")
+    t = Table(title="accelerator profiles (dense peaks, TFLOP/s or TOP/s; '-> x': runs as x)")
+    for col in ("name", "vendor", "fp32", "bf16", "fp8", "fp6", "fp4", "int8", "BW TB/s", "mem GB", "TDP W", "$/h",
+                "max dev", "time band"):
+        t.add_column(col, justify="left" if col in ("name", "vendor", "time band") else "right")
     for p in profs.values():
+        lo, hi, basis = p.error_band
         t.add_row(p.name, p.vendor, *(_fmt_peak(p, c) for c in ("fp32", "bf16", "fp8", "fp6", "fp4", "int8")),
                   f"{p.bandwidth / 1e12:.3g}", f"{p.capacity_bytes / 1e9:.0f}",
-                  "n/p" if p.tdp_w is None else f"{p.tdp_w:g}")
-    Console(width=140).print(t)
+                  "n/p" if p.tdp_w is None else f"{p.tdp_w:g}",
+                  "n/a" if p.price_per_hour is None else f"{p.price_per_hour.value:g}*",
+                  str(p.max_devices), f"{lo * 100:+.0f}/{hi * 100:+.0f}% {basis}")
+    Console(width=180).print(t)
+    typer.echo("$/h: public on-demand price per device-hour (* unverified list price; see `hw show NAME`). time band: "
+               "range of the GEMM model's cross-validated error (measured on this device, transferred from one, or "
+               "the generic band).")
 
 
 @hw_app.command("show")
@@ -59,29 +67,37 @@ def hw_show(
     c = Console(width=160)
     c.print(f"[bold]{p.display_name}[/bold] ({p.name}; {p.vendor}, {p.kind}, {p.architecture})")
     t = Table(title="per-precision dense peak")
-    for col in ("precision", "peak", "runs as", "dense?", "uncertain", "source / note"):
+    for col in ("precision", "peak", "runs as", "vendor figure", "provenance", "uncertain", "source / page / note"):
         t.add_column(col)
     for prec in PRECISIONS:
         e = getattr(p.peaks, prec)
         if isinstance(e, Peak):
-            t.add_row(prec, f"{e.value:g} {e.unit}", prec, "yes" if e.dense else "from sparse",
-                      "yes" if e.uncertain else "", f"{e.source}\n{e.note}".strip())
+            vf = "" if e.vendor_value is None else f"{e.vendor_value:g}" + (" sparse" if e.vendor_sparse else "")
+            t.add_row(prec, f"{e.value:g} {e.unit}", prec, vf, e.provenance, "yes" if e.uncertain else "",
+                      "\n".join(x for x in (e.source, e.page, e.note) if x))
         else:
-            t.add_row(prec, f"{p.peak_flops(prec) / 1e12:g} (fallback)", p.resolve(prec), "",
+            t.add_row(prec, f"{p.peak_flops(prec) / 1e12:g} (fallback)", f"-> {p.resolve(prec)}", "", "",
                       "yes" if e.uncertain else "", e.note)
     c.print(t)
-    t2 = Table(title="memory, power, efficiency")
-    for col in ("key", "value", "uncertain", "source / note"):
+    t2 = Table(title="memory, power, efficiency, kernel model, interconnect, price")
+    for col in ("key", "value", "provenance", "uncertain", "source / page / note"):
         t2.add_column(col)
-    for key, q in (("vector", p.vector), ("memory.bandwidth", p.memory.bandwidth),
-                   ("memory.capacity", p.memory.capacity), ("onchip", p.onchip), ("tdp", p.tdp),
-                   ("efficiency.gemm", p.efficiency.gemm), ("efficiency.bandwidth", p.efficiency.bandwidth),
-                   ("launch_floor", p.launch_floor), ("price_per_hour", p.price_per_hour)):
-        if q is None:
+    for key, q in p.figures():
+        if key.startswith("peaks."):
             continue
-        val = "n/p" if q.value is None else f"{q.value:g} {getattr(q, 'unit', '')}".strip()
-        t2.add_row(key, val, "yes" if q.uncertain else "", f"{q.source}\n{q.note}".strip())
+        if hasattr(q, "file"):
+            val = q.file
+        else:
+            val = "n/p" if getattr(q, "value", None) is None else f"{q.value:g} {getattr(q, 'unit', '')}".strip()
+        extra = f"as of {q.as_of}; {q.offer}" if key == "price_per_hour" else ""
+        t2.add_row(key, val, q.provenance, "yes" if q.uncertain else "",
+                   "\n".join(x for x in (q.source, getattr(q, "page", ""), extra, q.note) if x))
     c.print(t2)
+    lo, hi, basis = p.error_band
+    k_fill, overlap = p.kernel_constants
+    c.print(f"GEMM kernel model: {'untiled (no kernel section)' if p.kernel is None else p.kernel.tiles}, "
+            f"k_fill {k_fill:g}, overlap {overlap:g}; time band {lo * 100:+.1f}% / {hi * 100:+.1f}% ({basis}); "
+            f"data parallelism up to {p.max_devices} device(s)")
     for m in p.power_modes:
         c.print(f"power mode {m.name}: {m.tdp_w:g} W, GPU INT8 {m.gpu_int8_sparse_tops} TOPS sparse ({m.source})")
 

@@ -53,14 +53,24 @@ def build_config(config: Optional[Path], flags: dict[str, Any], schedule_opts: d
     return TrainConfig.parse(data, source="dpquant-sim train")
 
 
-def register(app: typer.Typer) -> None:
-    from dpquant_sim.nn.config import RECIPES
+def _recipe_names() -> str:
+    from dpquant_sim.nn.config import RECIPES  # imports torch: only when `train --help` is shown
+
+    return ", ".join(RECIPES)
+
+
+def _schedule_kinds() -> str:
     from dpquant_sim.schedules.configs import SCHEDULE_KINDS
 
-    recipes = ", ".join(RECIPES)
-    kinds = ", ".join(SCHEDULE_KINDS)
+    return ", ".join(SCHEDULE_KINDS)
 
-    @app.command("train")
+
+def register(app: typer.Typer) -> None:
+    from dpquant_sim.cli.lazy_help import lazy_help_command
+
+    recipes, kinds = "{recipes}", "{kinds}"  # filled in when the help is printed
+
+    @app.command("train", cls=lazy_help_command({"{recipes}": _recipe_names, "{kinds}": _schedule_kinds}))
     def train_cmd(
         out: Path = typer.Option(..., "--out", "-o", help="Run directory (created; rerunning resumes it)."),
         config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of TrainConfig fields; "
@@ -95,6 +105,9 @@ def register(app: typer.Typer) -> None:
         max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", "--clip",
                                                       help="Per-example L2 clipping norm C, > 0 (default 1.0)."),
         accountant: Optional[str] = typer.Option(None, help="rdp | prv (default rdp)."),
+        clipping: Optional[str] = typer.Option(None, help="How per-example clipping is computed: hooks | ghost "
+                                               "| bk | mixed (same update, different time and memory; "
+                                               "default mixed; docs/privacy.md)."),
         secure_noise: bool = typer.Option(False, "--secure-noise", help="Draw DP noise and Poisson sampling "
                                           "from OS entropy, never written (for a release). Default: from "
                                           "--seed (reproducible; epsilon then assumes the seed stays secret)."),
@@ -137,7 +150,7 @@ def register(app: typer.Typer) -> None:
                      epochs=epochs, batch_size=batch_size, physical_batch_size=physical_batch_size, lr=lr,
                      optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, private=private,
                      epsilon=epsilon, noise_multiplier=noise_multiplier, delta=delta, max_grad_norm=max_grad_norm,
-                     accountant=accountant, secure_noise=secure_noise or None,
+                     accountant=accountant, clipping=clipping, secure_noise=secure_noise or None,
                      release_train_loss=release_train_loss or None,
                      recipe=quantize, eval_quantized=eval_quantized, seed=seed,
                      data_seed=data_seed, threads=threads, device=device, _schedule=schedule)

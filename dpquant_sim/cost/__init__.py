@@ -3,21 +3,39 @@
 >>> from dpquant_sim.cost import get_profile
 >>> get_profile("h100_sxm").resolve("fp4")
 'fp8'
+
+Names are imported on first use (PEP 562), so reading profiles (``dpquant-sim hw list``) never imports
+torch, opacus or pandas.
 """
 
-from dpquant_sim.cost.flops import MemoryFit, Op, memory_bytes, step_ops
-from dpquant_sim.cost.model import (
-    CostEstimate, Speedup, StepCost, estimate, estimate_all, op_time, paper_formula, share_for_speedup, step_cost,
-)
-from dpquant_sim.cost.profiles import (
-    PRECISIONS, HardwareProfile, get_profile, load_profile_file, load_profiles, parse_profile,
-)
-from dpquant_sim.cost.run import build_shapes, cost_run
-from dpquant_sim.cost.sweep import SweepResult, sweep
+from __future__ import annotations
 
-__all__ = [
-    "PRECISIONS", "CostEstimate", "HardwareProfile", "MemoryFit", "Op", "Speedup", "StepCost", "SweepResult",
-    "build_shapes", "cost_run", "estimate", "estimate_all", "get_profile", "load_profile_file", "load_profiles",
-    "memory_bytes", "op_time", "paper_formula", "parse_profile", "share_for_speedup", "step_cost", "step_ops",
-    "sweep",
-]
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "MemoryFit": "flops", "Op": "flops", "memory_bytes": "flops", "step_ops": "flops",
+    "CostEstimate": "model", "Speedup": "model", "StepCost": "model", "estimate": "model",
+    "estimate_all": "model", "op_time": "model", "paper_formula": "model", "share_for_speedup": "model",
+    "step_cost": "model",
+    "PRECISIONS": "profiles", "HardwareProfile": "profiles", "get_profile": "profiles",
+    "load_profile_file": "profiles", "load_profiles": "profiles", "parse_profile": "profiles",
+    "build_shapes": "run", "cost_run": "run",
+}
+
+# Eager: "sweep" is both a submodule and a function; importing it here binds the function for good (numpy only).
+from dpquant_sim.cost.sweep import SweepResult, sweep  # noqa: E402
+
+__all__ = sorted([*_EXPORTS, "SweepResult", "sweep"])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dpquant_sim.cost' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"dpquant_sim.cost.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from dpquant_sim.errors import ConfigError
-from dpquant_sim.nn.shapes import LayerShape
+if TYPE_CHECKING:  # torch-free at import: profiles and help never load torch
+    from dpquant_sim.nn.shapes import LayerShape
 
 BASES: tuple[str, ...] = ("fp32", "tf32", "bf16", "fp16")
 OPTIMIZERS: dict[str, tuple[int, int]] = {
@@ -76,6 +77,10 @@ class Op:
         flops: FLOPs (2 per multiply-accumulate). bytes: DRAM bytes read + written.
         launches: kernels launched. quantized: runs in a low-precision recipe.
         theo: counted in the "theoretical" (peak FLOP rates only) estimate.
+        dims: (M, K, N, batch) of a GEMM kernel (``batch`` independent M x K x N products), for the
+            shape-aware kernel model (:mod:`dpquant_sim.cost.gemm`); None for vector ops.
+        phase: 'fwd', 'bwd' or 'step' (after the backward pass: clipping sums, noise, optimizer); what a
+            gradient all-reduce could overlap with.
     """
 
     layer: str
@@ -87,6 +92,8 @@ class Op:
     launches: int = 1
     quantized: bool = False
     theo: bool = True
+    dims: tuple[float, float, float, float] | None = None
+    phase: str = "bwd"
 
 
 def scale_bytes(scaling: str, numel_per_sample: int, samples: int, channels: int = 1) -> float:
@@ -119,7 +126,7 @@ def _recipe(r: Any):
 
 
 def _quant_op(layer: str, op: str, spec, numel_per_sample: int, samples: int, src_bytes: float,
-              channels: int = 1) -> Op:
+              channels: int = 1, phase: str = "bwd") -> Op:
     from dpquant_sim.nn.config import hw_class
 
     numel = numel_per_sample * samples
@@ -127,15 +134,18 @@ def _quant_op(layer: str, op: str, spec, numel_per_sample: int, samples: int, sr
     dst = _bytes_per(hw_class(spec.format))
     flops = numel * (QUANT_FLOPS + (STOCHASTIC_EXTRA_FLOPS if spec.rounding == "stochastic" else 0))
     nbytes = passes * numel * src_bytes + numel * dst + scale_bytes(spec.scaling, numel_per_sample, samples, channels)
-    return Op(layer, op, "vector", "vector", float(flops), float(nbytes), passes, True, theo=False)
+    return Op(layer, op, "vector", "vector", float(flops), float(nbytes), passes, True, theo=False, phase=phase)
 
 
 def gemm_layer_ops(s: LayerShape, batch: int, recipe: Any = None, *, base: str = "bf16", dp: bool = True,
-                   needs_dgrad: bool = True) -> list[Op]:
+                   needs_dgrad: bool = True, clipping: str = "hooks") -> list[Op]:
     """The three GEMMs of one Linear/Conv2d layer plus its quantize/cast passes and per-sample bias grads.
 
     ``recipe``: None (base precision) or a recipe name / LayerQuantConfig from ``dpquant_sim.nn.config``.
+    ``clipping``: under DP, the clipping algorithm whose weight-gradient GEMM runs (:mod:`.clipping`).
     """
+    from dpquant_sim.cost.clipping import GemmOperands, get_clip_cost
+
     if s.gemm_mnk is None:
         raise ConfigError("layer", s.name, "a Linear/Conv2d layer (LayerShape.gemm_mnk set)")
     m, k, n = s.gemm_mnk
@@ -152,7 +162,8 @@ def gemm_layer_ops(s: LayerShape, batch: int, recipe: Any = None, *, base: str =
         sw = sx = sdy = 0.0
         q = False
         if base != "fp32":  # cast the fp32 master weights once per step
-            ops.append(Op(s.name, "cast_w", "vector", "vector", float(w_numel), w_numel * (4.0 + fb), 1, False, False))
+            ops.append(Op(s.name, "cast_w", "vector", "vector", float(w_numel), w_numel * (4.0 + fb), 1, False, False,
+                          phase="fwd"))
     else:
         from dpquant_sim.nn.config import hw_class
 
@@ -162,17 +173,22 @@ def gemm_layer_ops(s: LayerShape, batch: int, recipe: Any = None, *, base: str =
         sx = scale_bytes(cfg.activation.scaling, s.in_numel, B)
         sdy = scale_bytes(cfg.grad.scaling, s.out_numel, B)
         q = True
-        ops.append(_quant_op(s.name, "quant_w", cfg.weight, w_numel, 1, 4.0, channels=n))
-        ops.append(_quant_op(s.name, "quant_x", cfg.activation, s.in_numel, B, fb))
+        ops.append(_quant_op(s.name, "quant_w", cfg.weight, w_numel, 1, 4.0, channels=n, phase="fwd"))
+        ops.append(_quant_op(s.name, "quant_x", cfg.activation, s.in_numel, B, fb, phase="fwd"))
         ops.append(_quant_op(s.name, "quant_dy", cfg.grad, s.out_numel, B, fb))
     x_b = B * s.in_numel * bx + sx
     w_b = w_numel * bw + sw
     dy_b = B * s.out_numel * bdy + sdy
-    ops.append(Op(s.name, "fwd", "gemm", pf, flops, x_b + w_b + B * s.out_numel * fb, 1, q))
-    if needs_dgrad:
-        ops.append(Op(s.name, "dgrad", "gemm", pd_, flops, dy_b + w_b + B * s.in_numel * fb, 1, q))
-    grad_out = (B if dp else 1) * w_numel * 4.0  # per-sample fp32 gradients under DP
-    ops.append(Op(s.name, "wgrad", "gemm", pw, flops, dy_b + x_b + grad_out, 1, q))
+    ops.append(Op(s.name, "fwd", "gemm", pf, flops, x_b + w_b + B * s.out_numel * fb, 1, q,
+                  dims=(float(B * m), float(k), float(n), 1.0), phase="fwd"))
+    if needs_dgrad:  # dx[BM, K] = dy[BM, N] W[N, K]
+        ops.append(Op(s.name, "dgrad", "gemm", pd_, flops, dy_b + w_b + B * s.in_numel * fb, 1, q,
+                      dims=(float(B * m), float(n), float(k), 1.0)))
+    if dp:  # the clipping algorithm's weight-gradient GEMM(s), per sample under hooks
+        ops += get_clip_cost(clipping).wgrad(s, B, GemmOperands(x_b, dy_b, pw, q))
+    else:  # dW[N, K] = dy^T[N, BM] x[BM, K]
+        ops.append(Op(s.name, "wgrad", "gemm", pw, flops, dy_b + x_b + w_numel * 4.0, 1, q,
+                      dims=(float(n), float(B * m), float(k), 1.0)))
     if bias > 0:  # bias grad: a reduction of dy over the M output positions (per sample under DP)
         ops.append(Op(s.name, "psg" if dp else "bias_grad", "vector", "vector", float(B * m * n),
                       B * s.out_numel * fb + (B if dp else 1) * bias * 4.0, 1, False))
@@ -192,7 +208,7 @@ def vector_layer_ops(s: LayerShape, batch: int, *, base: str = "bf16", dp: bool 
     else:
         ff, bf = ACT_FLOPS * i, ACT_FLOPS * i
     ops = [
-        Op(s.name, "fwd_vec", "vector", "vector", float(ff), (i + o) * fb),
+        Op(s.name, "fwd_vec", "vector", "vector", float(ff), (i + o) * fb, phase="fwd"),
         Op(s.name, "bwd_vec", "vector", "vector", float(bf), (2 * o + i) * fb if "pool" not in s.kind
            else (o + i) * fb),
     ]
@@ -202,15 +218,12 @@ def vector_layer_ops(s: LayerShape, batch: int, *, base: str = "bf16", dp: bool 
     return ops
 
 
-def dp_layer_ops(s: LayerShape, batch: int) -> list[Op]:
-    """Per-sample norm and clip-scale-and-sum over the B x P per-sample gradients of one parametric layer."""
-    if s.params == 0:
-        return []
-    bp = float(batch * s.params)
-    return [
-        Op(s.name, "psg_norm", "vector", "vector", 2 * bp, 4 * bp + 4 * batch),
-        Op(s.name, "clip_sum", "vector", "vector", 2 * bp, 4 * bp + 4 * s.params + 4 * batch),
-    ]
+def dp_layer_ops(s: LayerShape, batch: int, clipping: str = "hooks") -> list[Op]:
+    """The clipping algorithm's per-layer extras (hooks: per-sample norm and clip-scale-and-sum over B x P)."""
+    from dpquant_sim.cost.clipping import get_clip_cost
+
+    return [Op(o.layer, o.op, o.kind, o.precision, o.flops, o.bytes, o.launches, o.quantized, o.theo, o.dims, "step")
+            for o in get_clip_cost(clipping).layer_extras(s, batch)]
 
 
 def global_ops(total_params: int, *, dp: bool = True, optimizer: str = "sgd") -> list[Op]:
@@ -219,10 +232,10 @@ def global_ops(total_params: int, *, dp: bool = True, optimizer: str = "sgd") ->
         raise ConfigError("optimizer", optimizer, tuple(OPTIMIZERS))
     P = float(total_params)
     ops = []
-    if dp:
-        ops.append(Op("<dp>", "noise", "vector", "vector", NOISE_FLOPS * P, 12 * P))  # write z, read g, write g
+    if dp:  # once per step, after the gradient reduction (every replica draws the same noise from a shared seed)
+        ops.append(Op("<dp>", "noise", "vector", "vector", NOISE_FLOPS * P, 12 * P, phase="step"))
     tensors, fl = OPTIMIZERS[optimizer]
-    ops.append(Op("<optimizer>", "optimizer", "vector", "vector", fl * P, tensors * 4 * P))
+    ops.append(Op("<optimizer>", "optimizer", "vector", "vector", fl * P, tensors * 4 * P, phase="step"))
     return ops
 
 
@@ -252,11 +265,12 @@ def plan_mapping(plan: Any, shapes: Sequence[LayerShape]) -> dict[str, Any]:
 
 
 def step_ops(shapes: Sequence[LayerShape], plan: Any = None, *, batch: int, base: str = "bf16", dp: bool = True,
-             optimizer: str = "sgd") -> list[Op]:
-    """Every op of one training step with ``batch`` examples (expected batch under Poisson sampling).
+             optimizer: str = "sgd", clipping: str = "hooks") -> list[Op]:
+    """Every op of one training step with ``batch`` examples (expected batch under Poisson sampling) on one
+    device (with N data-parallel devices, pass the per-device batch).
 
     ``shapes``: all leaf layers from :func:`dpquant_sim.nn.shapes.trace_layers`. ``plan``: EpochPlan or
-    {layer: recipe}; layers not in it run in ``base`` precision.
+    {layer: recipe}; layers not in it run in ``base`` precision. ``clipping``: DP clipping algorithm.
     """
     if base not in BASES:
         raise ConfigError("base", base, BASES)
@@ -267,11 +281,12 @@ def step_ops(shapes: Sequence[LayerShape], plan: Any = None, *, batch: int, base
     ops: list[Op] = []
     for s in shapes:
         if s.is_gemm:
-            ops += gemm_layer_ops(s, batch, mapping.get(s.name), base=base, dp=dp, needs_dgrad=s.name != first)
+            ops += gemm_layer_ops(s, batch, mapping.get(s.name), base=base, dp=dp, needs_dgrad=s.name != first,
+                                  clipping=clipping)
         else:
             ops += vector_layer_ops(s, batch, base=base, dp=dp)
         if dp:
-            ops += dp_layer_ops(s, batch)
+            ops += dp_layer_ops(s, batch, clipping)
     ops += global_ops(sum(s.params for s in shapes), dp=dp, optimizer=optimizer)
     return ops
 
@@ -294,9 +309,10 @@ class MemoryFit:
 
 
 def memory_bytes(shapes: Sequence[LayerShape], plan: Any = None, *, batch: int, base: str = "bf16", dp: bool = True,
-                 optimizer: str = "sgd", capacity: float | None = None) -> MemoryFit:
+                 optimizer: str = "sgd", capacity: float | None = None, clipping: str = "hooks") -> MemoryFit:
     """Weights (fp32 master + low-precision copies), grads, optimizer state, saved activations and, under DP,
-    the per-sample gradients of all parameters (B x P fp32: Opacus holds them all until clipping)."""
+    what the clipping algorithm holds until clipping (hooks: all per-sample gradients, B x P fp32)."""
+    from dpquant_sim.cost.clipping import get_clip_cost
     from dpquant_sim.nn.config import hw_class
 
     mapping = plan_mapping(plan, shapes)
@@ -317,6 +333,7 @@ def memory_bytes(shapes: Sequence[LayerShape], plan: Any = None, *, batch: int, 
         elif s.kind not in FREE_KINDS:
             acts += batch * (s.out_numel if "relu" in s.kind or "pool" in s.kind else s.in_numel) * fb
     opt = {"sgd": 0, "momentum": 1, "adam": 2}[optimizer] * 4.0 * P
-    psg = 4.0 * batch * P if dp else 0.0
+    held = get_clip_cost(clipping).held_bytes
+    psg = sum(held(s, batch) for s in shapes) if dp else 0.0
     total = weights + 4.0 * P + opt + acts + psg
     return MemoryFit(weights, 4.0 * P, opt, acts, psg, total, capacity)

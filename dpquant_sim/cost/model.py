@@ -1,15 +1,19 @@
-"""Roofline cost of one DP training step on an accelerator profile, and what a plan buys over fp32/bf16.
+"""Cost of one DP training step on an accelerator profile (one device or N data-parallel devices), and what a
+plan buys over fp32/bf16.
 
 Two estimates, reported side by side (a range, not a point):
 
 * ``theoretical`` (the paper's convention): every op at its peak FLOP rate, nothing else. GEMMs at
   ``peak[precision]`` after fallbacks (A100 fp8 runs at the bf16 rate), non-GEMM layers and DP/optimizer work
-  at the vector rate (the resolved fp32 peak where no vector rate is published). Quantize/cast overhead,
-  memory traffic and launch floors are left out, so with quantized GEMMs 4x faster this reproduces exactly
-  T = T_est + (1 - p + p/4)(T_train - T_other) + T_other (DESIGN.md section 1), p being the quantized share
-  of GEMM time.
-* ``roofline``: time per op = max(FLOPs / (peak x gemm_eff), bytes / (bandwidth x bw_eff)) + launches x floor;
-  vector ops use the vector rate without the GEMM efficiency (bytes only when it is unpublished).
+  at the vector rate (never the matrix rate: where no vector rate is published they count as memory-bound,
+  bytes / spec bandwidth). Quantize/cast overhead, launch floors and communication are left out, so with
+  quantized GEMMs 4x faster this reproduces exactly T = T_est + (1 - p + p/4)(T_train - T_other) + T_other
+  (DESIGN.md section 1), p being the quantized share of GEMM time.
+* ``roofline``: GEMMs through the shape- and precision-aware kernel model (:mod:`dpquant_sim.cost.gemm`:
+  tiles, waves, split-K, pipeline fill, per-precision efficiency, memory), vector ops
+  max(FLOPs / vector rate, bytes / (bandwidth x bw_eff)), plus launches x floor, plus with N devices the
+  exposed gradient all-reduce (:mod:`dpquant_sim.cost.comm`). It comes with an error band: the range of the
+  kernel model's cross-validated errors on measured GEMMs (``profile.error_band``).
 
 >>> import torch.nn as tnn
 >>> from dpquant_sim.nn.shapes import trace_layers
@@ -24,21 +28,43 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import pandas as pd
 
+from dpquant_sim.cost.comm import allreduce_s, check_devices, exposed_allreduce_s
 from dpquant_sim.cost.flops import MemoryFit, Op, memory_bytes, plan_mapping, step_ops
+from dpquant_sim.cost.gemm import get_tile_family, kernel_seconds
 from dpquant_sim.cost.profiles import HardwareProfile
 from dpquant_sim.errors import ConfigError
-from dpquant_sim.nn.shapes import LayerShape
+
+if TYPE_CHECKING:  # torch-free at import: profiles and help never load torch
+    from dpquant_sim.nn.shapes import LayerShape
 
 MODES: tuple[str, ...] = ("theoretical", "roofline")
+GRAD_BYTES = 4.0  # clipped gradient sums are all-reduced in fp32
 
 
-def theo_vector_rate(profile: HardwareProfile) -> float:
-    """FLOP/s used for vector ops in the theoretical estimate."""
-    return profile.vector_flops or profile.peak_flops("fp32")
+def theo_vector_rate(profile: HardwareProfile) -> float | None:
+    """FLOP/s of vector ops in the theoretical estimate (None: unpublished, counted as memory-bound)."""
+    return profile.vector_flops
+
+
+def gemm_kernel_s(op: Op, profile: HardwareProfile) -> float:
+    """Kernel seconds of one GEMM op on ``profile`` (no launch floor): the shape-aware kernel model."""
+    run = profile.resolve(op.precision)
+    rate = profile.peak_flops(run) * profile.gemm_efficiency(run)
+    bw = profile.bandwidth * profile.efficiency.bandwidth.value
+    if op.dims is None or profile.kernel is None:  # untiled: the classic roofline max
+        return float(max(op.flops / rate, op.bytes / bw))
+    m, k, n, b = op.dims
+    measured = profile.measured_gemm_s(m, k, n, b, run)
+    if measured is not None:  # a measured table overrides the model for exactly this GEMM
+        return measured
+    k_fill, overlap = profile.kernel_constants
+    return float(kernel_seconds(m, k, n, b, op.bytes, rate=rate, units=profile.kernel.compute_units.value,
+                                family=get_tile_family(profile.kernel.tiles_for(run)), k_fill=k_fill,
+                                overlap=overlap, bandwidth=bw))
 
 
 def op_time(op: Op, profile: HardwareProfile, mode: str) -> float:
@@ -46,22 +72,47 @@ def op_time(op: Op, profile: HardwareProfile, mode: str) -> float:
     if mode == "theoretical":
         if not op.theo:
             return 0.0
-        rate = profile.peak_flops(op.precision) if op.kind == "gemm" else theo_vector_rate(profile)
-        return op.flops / rate
+        if op.kind == "gemm":
+            return op.flops / profile.peak_flops(op.precision)
+        vr = theo_vector_rate(profile)
+        return op.flops / vr if vr else op.bytes / profile.bandwidth
     if mode != "roofline":
         raise ConfigError("mode", mode, MODES)
     if op.kind == "gemm":
-        compute = op.flops / (profile.peak_flops(op.precision) * profile.efficiency.gemm.value)
-    else:
-        vr = profile.vector_flops
-        compute = 0.0 if vr is None else op.flops / vr
+        return gemm_kernel_s(op, profile) + op.launches * profile.launch_s
+    vr = profile.vector_flops
+    compute = 0.0 if vr is None else op.flops / vr
     memory = op.bytes / (profile.bandwidth * profile.efficiency.bandwidth.value)
     return max(compute, memory) + op.launches * profile.launch_s
 
 
+def band_times(t: float, profile: HardwareProfile) -> tuple[float, float]:
+    """(low, high) seconds a measured time could take given a prediction ``t`` and the profile's error band
+    (errors are predicted / measured - 1 in [low, high], so measured = t / (1 + error))."""
+    lo, hi, _ = profile.error_band
+    return t / (1.0 + hi), t / (1.0 + lo)
+
+
+def fallbacks(ops: Sequence[Op], profile: HardwareProfile) -> dict[str, str]:
+    """{requested precision: precision that runs} for every GEMM precision without a native path."""
+    out = {}
+    for o in ops:
+        if o.kind == "gemm" and o.precision not in out:
+            run = profile.resolve(o.precision)
+            if run != o.precision:
+                out[o.precision] = run
+    return out
+
+
+def format_fallbacks(fb: dict[str, str]) -> str:
+    """'fp4->fp8, fp6->fp8' ('' when everything runs natively)."""
+    return ", ".join(f"{k}->{v}" for k, v in sorted(fb.items()))
+
+
 @dataclass(frozen=True)
 class StepCost:
-    """One step of one configuration on one profile (seconds per step; batch = examples per step)."""
+    """One step of one configuration on one profile (seconds per step; batch = examples per step over all
+    ``devices``; energy and dollars count every device)."""
 
     profile: str
     batch: float
@@ -70,10 +121,17 @@ class StepCost:
     roofline_s: float
     gemm_flops: float
     quantized_flop_share: float  # share of executed GEMM FLOPs that run in a low-precision recipe
-    memory: MemoryFit
-    energy_j: float | None  # roofline time x TDP
-    dollars: float | None  # roofline time x price
+    memory: MemoryFit  # per device
+    energy_j: float | None  # roofline time x TDP x devices
+    dollars: float | None  # roofline time x price x devices
     breakdown: pd.DataFrame = field(repr=False, compare=False)
+    devices: int = 1
+    allreduce_s: float = 0.0  # exposed (on the critical path)
+    allreduce_total_s: float = 0.0
+    roofline_low_s: float = 0.0
+    roofline_high_s: float = 0.0
+    band_basis: str = "generic"
+    fallbacks: dict = field(default_factory=dict, compare=False)
 
     def time_s(self, mode: str) -> float:
         if mode not in MODES:
@@ -95,7 +153,7 @@ class Speedup:
 
 @dataclass(frozen=True)
 class CostEstimate:
-    """A plan's step cost with its fp32 and bf16 baselines (same model, batch, profile, DP setting)."""
+    """A plan's step cost with its fp32 and bf16 baselines (same model, batch, devices, profile, DP setting)."""
 
     step: StepCost
     fp32: StepCost
@@ -113,14 +171,17 @@ class CostEstimate:
         """Flat JSON-friendly dict of the headline numbers."""
         s = self.step
         return {
-            "hw": s.profile, "batch": s.batch, "base": s.base,
+            "hw": s.profile, "devices": s.devices, "batch": s.batch, "base": s.base,
             "theoretical_s": s.theoretical_s, "roofline_s": s.roofline_s,
+            "roofline_low_s": s.roofline_low_s, "roofline_high_s": s.roofline_high_s, "band_basis": s.band_basis,
+            "allreduce_s": s.allreduce_s,
             "throughput_theoretical": s.batch / s.theoretical_s, "throughput_roofline": s.batch / s.roofline_s,
             "speedup_vs_fp32_theoretical": self.speedup_vs_fp32.theoretical,
             "speedup_vs_fp32_roofline": self.speedup_vs_fp32.roofline,
             "speedup_vs_bf16_theoretical": self.speedup_vs_bf16.theoretical,
             "speedup_vs_bf16_roofline": self.speedup_vs_bf16.roofline,
             "quantized_flop_share": s.quantized_flop_share, "gemm_flops": s.gemm_flops,
+            "fallbacks": dict(s.fallbacks),
             "energy_j": s.energy_j, "dollars": s.dollars,
             "memory_gb": s.memory.total / 1e9,
             "capacity_gb": None if s.memory.capacity is None else s.memory.capacity / 1e9,
@@ -129,11 +190,11 @@ class CostEstimate:
 
 
 def breakdown_frame(ops: Sequence[Op], profile: HardwareProfile) -> pd.DataFrame:
-    """One row per op: layer, op, kind, requested and resolved precision, FLOPs, bytes, both times."""
+    """One row per op: layer, op, kind, phase, requested and resolved precision, FLOPs, bytes, both times."""
     rows = []
     for o in ops:
         rows.append({
-            "layer": o.layer, "op": o.op, "kind": o.kind, "precision": o.precision,
+            "layer": o.layer, "op": o.op, "kind": o.kind, "phase": o.phase, "precision": o.precision,
             "runs_as": profile.resolve(o.precision) if o.kind == "gemm" else "vector",
             "quantized": o.quantized, "flops": o.flops, "bytes": o.bytes,
             "theoretical_s": op_time(o, profile, "theoretical"), "roofline_s": op_time(o, profile, "roofline"),
@@ -142,31 +203,48 @@ def breakdown_frame(ops: Sequence[Op], profile: HardwareProfile) -> pd.DataFrame
 
 
 def step_cost(shapes: Sequence[LayerShape], plan: Any, profile: HardwareProfile, *, batch: float,
-              base: str = "bf16", dp: bool = True, optimizer: str = "sgd", overhead_s: float = 0.0) -> StepCost:
-    """Cost of one step. ``overhead_s`` adds a fixed time to both estimates (e.g. an amortized estimator)."""
-    ops = step_ops(shapes, plan, batch=batch, base=base, dp=dp, optimizer=optimizer)
+              base: str = "bf16", dp: bool = True, optimizer: str = "sgd", overhead_s: float = 0.0,
+              devices: int = 1, allreduce: str = "ring", clipping: str = "hooks") -> StepCost:
+    """Cost of one step of ``batch`` examples over ``devices`` data-parallel devices (batch / devices each).
+
+    ``overhead_s`` adds a fixed time to both estimates (e.g. an amortized estimator). The theoretical estimate
+    has no communication term (peak FLOP rates only); the roofline adds the exposed all-reduce.
+    """
+    from dpquant_sim.cost.clipping import get_clip_cost
+
+    check_devices(profile, devices)
+    ops = step_ops(shapes, plan, batch=batch / devices, base=base, dp=dp, optimizer=optimizer, clipping=clipping)
     df = breakdown_frame(ops, profile)
     theo = math.fsum(df["theoretical_s"]) + overhead_s
     roof = math.fsum(df["roofline_s"]) + overhead_s
+    t_ar = allreduce_s(profile, GRAD_BYTES * sum(s.params for s in shapes), devices, allreduce)
+    t_bwd = math.fsum(df.loc[df["phase"] == "bwd", "roofline_s"])
+    overlap = not (dp and get_clip_cost(clipping).full_backward_before_clip)
+    exposed = exposed_allreduce_s(t_ar, t_bwd, overlap_backward=overlap)
+    roof += exposed
     gemm = df[df["kind"] == "gemm"]
-    gf = float(gemm["flops"].sum())
-    qf = float(gemm.loc[gemm["quantized"], "flops"].sum())
-    mem = memory_bytes(shapes, plan, batch=int(math.ceil(batch)), base=base, dp=dp, optimizer=optimizer,
-                       capacity=profile.capacity_bytes)
+    gf = float(gemm["flops"].sum()) * devices
+    qf = float(gemm.loc[gemm["quantized"], "flops"].sum()) * devices
+    mem = memory_bytes(shapes, plan, batch=int(math.ceil(batch / devices)), base=base, dp=dp, optimizer=optimizer,
+                       capacity=profile.capacity_bytes, clipping=clipping)
     tdp, price = profile.tdp_w, profile.price_usd_per_s
+    lo, hi = band_times(roof, profile)
     return StepCost(profile.name, batch, base, theo, roof, gf, qf / gf if gf else 0.0, mem,
-                    None if tdp is None else roof * tdp, None if price is None else roof * price, df)
+                    None if tdp is None else roof * tdp * devices, None if price is None else roof * price * devices,
+                    df, devices, exposed, t_ar, lo, hi, profile.error_band[2], fallbacks(ops, profile))
 
 
 def estimate(shapes: Sequence[LayerShape], plan: Any, profile: HardwareProfile, *, batch: float,
-             base: str = "bf16", dp: bool = True, optimizer: str = "sgd", overhead_s: float = 0.0) -> CostEstimate:
+             base: str = "bf16", dp: bool = True, optimizer: str = "sgd", overhead_s: float = 0.0,
+             devices: int = 1, allreduce: str = "ring", clipping: str = "hooks") -> CostEstimate:
     """Step cost of ``plan`` (EpochPlan or {layer: recipe}; others at ``base``) with fp32 and bf16 baselines.
 
-    The baselines run every layer in fp32 (resp. bf16) with the same batch, DP setting and optimizer, and
-    the same ``overhead_s`` (so speedups compare like with like).
+    The baselines run every layer in fp32 (resp. bf16) with the same batch, devices, DP setting and optimizer,
+    and the same ``overhead_s`` (so speedups compare like with like).
     """
     plan_mapping(plan, shapes)  # validate layer names once, early
-    kw = dict(batch=batch, dp=dp, optimizer=optimizer, overhead_s=overhead_s)
+    kw = dict(batch=batch, dp=dp, optimizer=optimizer, overhead_s=overhead_s, devices=devices, allreduce=allreduce,
+              clipping=clipping)
     return CostEstimate(
         step=step_cost(shapes, plan, profile, base=base, **kw),
         fp32=step_cost(shapes, None, profile, base="fp32", **kw),

@@ -7,9 +7,10 @@ rebuilt from its name (no weights are read) and traced once; all epochs x accele
 the vectorized sweep. Under a ``dpquant`` schedule the sensitivity estimator's forward passes are added as
 T_est (every ``interval`` epochs: a Poisson sample of ``sample_rate * n_train`` examples, L + 1 forwards).
 
-Example: ``cost_run("runs/r1", ["h100_sxm", "b200"])`` -> DataFrame with columns epoch, hw, steps, batch,
-time_theoretical_s, time_roofline_s (per epoch), throughput_* (samples/s), speedup_vs_{fp32,bf16}_*,
-energy_j, dollars, quantized_flop_share, memory_gb, fits.
+Example: ``cost_run("runs/r1", ["h100_sxm", "b200"], devices=[1, 8])`` -> DataFrame with columns epoch, hw,
+devices, steps, batch, time_theoretical_s, time_roofline_s (per epoch) with time_roofline_low_s/high_s (the
+profile's error band), throughput_* (samples/s), speedup_vs_{fp32,bf16}_*, energy_j and dollars (all
+devices), fallbacks, quantized_flop_share, memory_gb (per device), fits.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pandas as pd
 import yaml
 
 from dpquant_sim.cost.flops import step_ops
-from dpquant_sim.cost.model import op_time
+from dpquant_sim.cost.model import fallbacks, format_fallbacks, op_time
 from dpquant_sim.cost.profiles import HardwareProfile, load_profiles
 from dpquant_sim.cost.sweep import sweep
 from dpquant_sim.errors import ConfigError
@@ -62,17 +63,49 @@ def _steps(info: dict, metrics: pd.DataFrame) -> np.ndarray:
     raise ConfigError("run", "run_info.json", "steps_per_epoch in run_info.json or a steps column in metrics.csv")
 
 
-def build_shapes(model: str, input_shape: Sequence[int], num_classes: int):
-    """Trace the project's model ``model`` for per-example ``input_shape`` (C, H, W) or (features,)."""
-    from dpquant_sim.nn.shapes import trace_layers
-    from dpquant_sim.training.models import build_model
+# Models that flatten their input: a 1-D (features,) input is allowed (built as F channels of a 1x1 image).
+FLAT_INPUT_MODELS = frozenset({"mlp"})
 
-    input_shape = tuple(int(v) for v in input_shape)
-    m = build_model(model, in_channels=input_shape[0], num_classes=int(num_classes), image_size=input_shape[-1])
+
+def check_input_shape(model: str, input_shape: Sequence[int], field: str = "input_shape") -> tuple[int, ...]:
+    """The per-example input shape ``model`` accepts: (C, H, W) with H == W, or (F,) for models that flatten.
+
+    >>> check_input_shape("mlp", (64,))
+    (64,)
+    >>> check_input_shape("resnet18", (3, 32))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    dpquant_sim.errors.ConfigError: input_shape=(3, 32) is not allowed; expected CxHxW with H == W for model ...
+    """
+    dims = tuple(int(v) for v in input_shape)
+    if len(dims) == 3 and dims[1] == dims[2] and min(dims) >= 1:
+        return dims
+    if len(dims) == 1 and dims[0] >= 1 and model in FLAT_INPUT_MODELS:
+        return dims
+    allowed = f"CxHxW with H == W for model {model} (e.g. 3x32x32)"
+    if model in FLAT_INPUT_MODELS:
+        allowed = f"CxHxW with H == W, or a feature count F, for model {model} (e.g. 1x8x8 or 64)"
+    raise ConfigError(field, dims, allowed)
+
+
+def build_shapes(model: str, input_shape: Sequence[int], num_classes: int):
+    """Trace the project's model ``model`` for per-example ``input_shape`` (C, H, W) or, for models that
+    flatten their input (mlp), (features,)."""
+    from dpquant_sim.nn.shapes import trace_layers
+    from dpquant_sim.training.models import MODELS, build_model
+
+    if model not in MODELS:
+        raise ConfigError("model", model, tuple(MODELS))
+    input_shape = check_input_shape(model, input_shape)
+    if len(input_shape) == 1:  # F features = F channels of a 1x1 image (the MLP flattens either way)
+        m = build_model(model, in_channels=input_shape[0], num_classes=int(num_classes), image_size=1)
+    else:
+        m = build_model(model, in_channels=input_shape[0], num_classes=int(num_classes), image_size=input_shape[-1])
     return trace_layers(m, input_shape)
 
 
-def estimator_forward_s(shapes, profile: HardwareProfile, examples: float, *, base: str = "bf16") -> tuple[float, float]:
+def estimator_forward_s(shapes, profile: HardwareProfile, examples: float, *,
+                        base: str = "bf16") -> tuple[float, float]:
     """(theoretical, roofline) seconds of one forward pass over ``examples`` examples (no backward)."""
     if examples <= 0:
         return 0.0, 0.0
@@ -81,12 +114,22 @@ def estimator_forward_s(shapes, profile: HardwareProfile, examples: float, *, ba
             math.fsum(op_time(o, profile, "roofline") for o in ops))
 
 
+def run_plans(run_dir: str | Path) -> list[EpochPlan]:
+    """Every epoch's EpochPlan of a finished run (metrics.csv)."""
+    _, _, metrics = _read_run(Path(run_dir))
+    return [EpochPlan.from_json(s) if isinstance(s, str) and s.strip() else EpochPlan(epoch=i)
+            for i, s in enumerate(metrics["plan"])]
+
+
 def cost_run(run_dir: str | Path, profiles: Iterable[str | HardwareProfile] | None = None, *, base: str = "bf16",
-             hw_dirs: Iterable[str | Path] = ()) -> pd.DataFrame:
-    """Per-epoch, per-accelerator time, throughput, speedups, energy and dollars of a finished run.
+             hw_dirs: Iterable[str | Path] = (), devices: Sequence[int] = (1,),
+             allreduce: str = "ring") -> pd.DataFrame:
+    """Per-epoch, per-accelerator (and device count) time, throughput, speedups, energy and dollars of a run.
 
     ``profiles``: names or HardwareProfile objects (None: every known profile). ``base``: precision of
-    layers the plan leaves unquantized. Speedups compare with the same run entirely in fp32 / bf16.
+    layers the plan leaves unquantized. Speedups compare with the same run entirely in fp32 / bf16 on the
+    same devices. ``devices``: data-parallel device counts (the run's batch is split over them); counts beyond
+    a profile's interconnect are left out.
     """
     run_dir = Path(run_dir)
     info, cfg, metrics = _read_run(run_dir)
@@ -106,12 +149,18 @@ def cost_run(run_dir: str | Path, profiles: Iterable[str | HardwareProfile] | No
     batch = float(info.get("batch_size") or info["sample_rate"] * info["n_train"])
     dp = bool(cfg.get("private", info.get("private", True)))
     opt = _optimizer(cfg)
+    # The engine's clipping algorithm of the run; the cost model has per-layer costs for `hooks` only so far
+    # (dpquant_sim.cost.clipping), so every run is costed as hooks and the table says which was costed.
+    run_clipping = str(cfg.get("clipping", "hooks")) if dp else "none"
     plans = [EpochPlan.from_json(s) if isinstance(s, str) and s.strip() else EpochPlan(epoch=i)
              for i, s in enumerate(metrics["plan"])]
     steps = _steps(info, metrics)
-    res = sweep(shapes, plans, profs, [batch], base=base, dp=dp, optimizer=opt)
-    b32 = sweep(shapes, [{}], profs, [batch], base="fp32", dp=dp, optimizer=opt)
-    b16 = sweep(shapes, [{}], profs, [batch], base="bf16", dp=dp, optimizer=opt)
+    kw = dict(dp=dp, optimizer=opt, devices=tuple(devices), allreduce=allreduce)
+    res = sweep(shapes, plans, profs, [batch], base=base, **kw)
+    b32 = sweep(shapes, [{}], profs, [batch], base="fp32", **kw)
+    b16 = sweep(shapes, [{}], profs, [batch], base="bf16", **kw)
+    fb = [format_fallbacks(fallbacks(step_ops(shapes, plan, batch=batch, base=base, dp=dp), p))
+          for plan in plans for p in profs]
     # DPQuant's estimator: every `interval` epochs, (L + 1) forwards over a Poisson sample of the private data
     sched = cfg.get("schedule") or {}
     est_theo = np.zeros(len(profs))
@@ -126,22 +175,32 @@ def cost_run(run_dir: str | Path, profiles: Iterable[str | HardwareProfile] | No
     rows = []
     for e, plan in enumerate(plans):
         for h, p in enumerate(profs):
-            n = steps[e]
-            theo = n * res.theoretical_s[e, h, 0] + est_theo[h]
-            roof = n * res.roofline_s[e, h, 0] + est_roof[h]
-            t32, r32 = n * b32.theoretical_s[0, h, 0], n * b32.roofline_s[0, h, 0]
-            t16, r16 = n * b16.theoretical_s[0, h, 0], n * b16.roofline_s[0, h, 0]
-            rows.append({
-                "epoch": int(metrics["epoch"].iloc[e]) if "epoch" in metrics.columns else plan.epoch,
-                "hw": p.name, "steps": n, "batch": batch,
-                "time_theoretical_s": theo, "time_roofline_s": roof,
-                "estimator_theoretical_s": est_theo[h], "estimator_roofline_s": est_roof[h],
-                "throughput_theoretical": n * batch / theo, "throughput_roofline": n * batch / roof,
-                "speedup_vs_fp32_theoretical": t32 / theo, "speedup_vs_fp32_roofline": r32 / roof,
-                "speedup_vs_bf16_theoretical": t16 / theo, "speedup_vs_bf16_roofline": r16 / roof,
-                "energy_j": roof * p.tdp_w if p.tdp_w is not None else float("nan"),
-                "dollars": roof * p.price_usd_per_s if p.price_usd_per_s is not None else float("nan"),
-                "quantized_flop_share": res.quantized_flop_share[e, 0],
-                "memory_gb": res.memory_bytes[e, 0] / 1e9, "fits": bool(res.fits[e, h, 0]),
-            })
+            lo_b, hi_b, basis = p.error_band
+            for d, nd in enumerate(res.devices):
+                if not res.feasible[h, d]:
+                    continue
+                n = steps[e]
+                # the estimator's forwards run on one device's share of the sample
+                e_t, e_r = est_theo[h] / nd, est_roof[h] / nd
+                theo = n * res.theoretical_s[e, h, 0, d] + e_t
+                roof = n * res.roofline_s[e, h, 0, d] + e_r
+                t32, r32 = n * b32.theoretical_s[0, h, 0, d], n * b32.roofline_s[0, h, 0, d]
+                t16, r16 = n * b16.theoretical_s[0, h, 0, d], n * b16.roofline_s[0, h, 0, d]
+                rows.append({
+                    "epoch": int(metrics["epoch"].iloc[e]) if "epoch" in metrics.columns else plan.epoch,
+                    "hw": p.name, "devices": nd, "steps": n, "batch": batch,
+                    "time_theoretical_s": theo, "time_roofline_s": roof,
+                    "time_roofline_low_s": roof / (1 + hi_b), "time_roofline_high_s": roof / (1 + lo_b),
+                    "band_basis": basis, "allreduce_s": n * res.allreduce_s[e, h, 0, d],
+                    "estimator_theoretical_s": e_t, "estimator_roofline_s": e_r,
+                    "throughput_theoretical": n * batch / theo, "throughput_roofline": n * batch / roof,
+                    "speedup_vs_fp32_theoretical": t32 / theo, "speedup_vs_fp32_roofline": r32 / roof,
+                    "speedup_vs_bf16_theoretical": t16 / theo, "speedup_vs_bf16_roofline": r16 / roof,
+                    "energy_j": roof * p.tdp_w * nd if p.tdp_w is not None else float("nan"),
+                    "dollars": roof * p.price_usd_per_s * nd if p.price_usd_per_s is not None else float("nan"),
+                    "fallbacks": fb[e * len(profs) + h],
+                    "clipping_run": run_clipping, "clipping_costed": "hooks" if dp else "none",
+                    "quantized_flop_share": res.quantized_flop_share[e, 0],
+                    "memory_gb": res.memory_bytes[e, 0, d] / 1e9, "fits": bool(res.fits[e, h, 0, d]),
+                })
     return pd.DataFrame(rows)

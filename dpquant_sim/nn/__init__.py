@@ -8,6 +8,7 @@
 {'0': 'fp8', '2': None}
 """
 
+from dpquant_sim.nn import clip_ops  # noqa: F401  (registers the Opacus norm samplers)
 from dpquant_sim.nn import grad_samplers  # noqa: F401  (registers the Opacus grad samplers)
 from dpquant_sim.nn.convert import (
     apply_plan,

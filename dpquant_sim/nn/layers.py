@@ -177,6 +177,10 @@ def _input_pre_hook(module: "_QuantMixin", args: tuple) -> tuple | None:
 
 def _grad_pre_hook(module: "_QuantMixin", grad_output: tuple) -> tuple | None:
     """Full backward pre-hook: quantize dy before both the layer's backward and Opacus's hook read it."""
+    replay = module._replay_grad
+    if replay is not None:  # ghost clipping's second pass: the recorded c * q(dy), never a new quantization
+        module._replay_grad = None
+        return (replay, *grad_output[1:])
     cfg = module._qconfig
     if cfg is None or not grad_output or grad_output[0] is None:
         return None
@@ -205,6 +209,8 @@ class _QuantMixin:
         self.record_quantized = False
         self._q_act: torch.Tensor | None = None
         self._q_grad: torch.Tensor | None = None
+        # Set by ghost clipping between its two backward passes: the output gradient to use instead of q(dy).
+        self._replay_grad: torch.Tensor | None = None
         self._entered_via_call = False
         self._grad_hook_id: int | None = None  # id in _backward_pre_hooks (an int survives deepcopy/pickle)
         self._qconfig = None

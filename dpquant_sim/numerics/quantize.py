@@ -52,7 +52,10 @@ from dpquant_sim.numerics.formats import FloatFormat, Format, IntFormat, get_for
 
 ROUNDINGS = ("nearest", "stochastic")
 OVERFLOWS = ("saturate", "ieee")
-BACKENDS = ("torch", "compiled", "qtorch")
+BACKENDS = ("auto", "torch", "compiled", "qtorch")
+# "auto" compiles a tensor of at least this many elements on CPU (every tensor on a GPU, where the eager path
+# is a chain of launches): below it the eager path is as fast and a cold compile (5-17 s per variant) never pays.
+AUTO_COMPILE_MIN_NUMEL = int(os.environ.get("DPQUANT_COMPILE_MIN_NUMEL", 1 << 16))
 
 _SIGN = -(1 << 31)  # 0x80000000 as int32
 _ABS = 0x7FFFFFFF
@@ -386,18 +389,33 @@ def _get_compiled(key: tuple) -> Callable | None:
     return fn
 
 
-_DEFAULT_BACKEND = os.environ.get("DPQUANT_QUANT_BACKEND", "torch")
+_DEFAULT_BACKEND = os.environ.get("DPQUANT_QUANT_BACKEND", "auto")
 
 
 def set_default_backend(backend: str) -> None:
-    """Backend used when ``quantize(..., backend=None)``: "torch" (eager), "compiled" or "qtorch".
+    """Backend used when ``quantize(..., backend=None)``: "auto" (the default), "torch" (eager), "compiled" or
+    "qtorch".
 
-    The env var ``DPQUANT_QUANT_BACKEND`` sets the initial default. "compiled" gives identical bits, about
-    5-10x faster on large tensors after a one-off compile of a few seconds per (format, rounding, overflow).
+    The env var ``DPQUANT_QUANT_BACKEND`` sets the initial default. "compiled" gives identical bits, 1.6-3.5x
+    faster than eager on large CPU tensors (docs/benchmarks.md) after a one-off compile of a few seconds per
+    (format, rounding, overflow), cached on disk by torch's inductor. "auto" uses it for tensors of at least
+    ``AUTO_COMPILE_MIN_NUMEL`` elements (env ``DPQUANT_COMPILE_MIN_NUMEL``) and on GPUs, eager elsewhere and
+    wherever compiling is unavailable.
     """
     global _DEFAULT_BACKEND
     check_choice("backend", backend, BACKENDS)
     _DEFAULT_BACKEND = backend
+
+
+def auto_backend(x: torch.Tensor) -> str:
+    """What "auto" runs for ``x``: "compiled" for large CPU tensors and any GPU tensor, else "torch"."""
+    big = x.device.type != "cpu" or x.numel() >= AUTO_COMPILE_MIN_NUMEL
+    return "compiled" if big and not _compile_failed else "torch"
+
+
+def default_backend() -> str:
+    """The backend ``quantize(..., backend=None)`` uses (recorded in each run's run_info.json)."""
+    return _DEFAULT_BACKEND
 
 
 def _check_tensor(x: object) -> torch.Tensor:
@@ -429,8 +447,9 @@ def quantize(
             satfinite) or "ieee" (fp8_e5m2/fp16/bf16 -> +-inf, fp8_e4m3 -> NaN, as ml_dtypes casts). fp6, fp4,
             log4 and int formats have no inf/NaN codes and always saturate.
         generator: required for stochastic rounding (determinism: same generator state, same result).
-        backend: "torch" (eager: blocked, in-place float / int32 ops), "compiled" (the same kernel under torch.compile; falls back
-            to eager with a warning if compilation is unavailable), "qtorch" (the qtorch package, with its
+        backend: "auto" (compiled for large tensors, eager otherwise: see ``set_default_backend``), "torch"
+            (eager: blocked, in-place float / int32 ops), "compiled" (the same kernel under torch.compile; falls
+            back to eager with a warning if compilation is unavailable), "qtorch" (the qtorch package, with its
             own conventions; see qtorch_backend.py) or None for the default (``set_default_backend``).
 
     Returns:
@@ -452,6 +471,8 @@ def quantize(
     check_choice("overflow", overflow, OVERFLOWS)
     backend = _DEFAULT_BACKEND if backend is None else backend
     check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        backend = auto_backend(x)
     if rounding == "stochastic" and not isinstance(generator, torch.Generator):
         raise ConfigError(
             "generator", generator, "a torch.Generator when rounding='stochastic' (results must be reproducible)"

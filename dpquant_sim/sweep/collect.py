@@ -6,6 +6,10 @@ noise_multiplier, plan, ...), and the cost model's columns for that epoch on tha
 (``dpquant_sim.cost.run.cost_run``; a cost column whose name clashes with a metrics column gets the suffix
 ``_cost``). Written atomically as ``results.csv`` and ``results.parquet``.
 
+A finished run enters the table only when its metrics.csv agrees with its summary.json (the SHA-256 that the
+engine records there, else the epoch count and the last epoch's accuracy and epsilon); a hand-edited or damaged
+run folder is refused with one line naming it, never silently tabulated.
+
 Example: ``df = collect_sweep("runs/tiny")``.
 """
 
@@ -13,13 +17,15 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 
-from dpquant_sim.io import atomic_write_df
+from dpquant_sim.errors import RunFolderError
+from dpquant_sim.io import atomic_write_df, file_sha256
 
 TABLE_CSV = "results.csv"
 TABLE_PARQUET = "results.parquet"
@@ -61,14 +67,60 @@ def _describe_run_dir(rd: Path) -> dict[str, Any]:
     return {**p.params(), "label": p.label}
 
 
-def run_table(run_dir: Path, profiles: Sequence[Any]) -> pd.DataFrame:
-    """metrics.csv of one run joined with its cost per accelerator (one row per epoch x accelerator)."""
+def _same(a: Any, b: Any) -> bool:
+    try:
+        a, b = float(a), float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+    return (math.isnan(a) and math.isnan(b)) or a == b or math.isclose(a, b, rel_tol=1e-12)
+
+
+def check_run_consistent(run_dir: str | Path) -> dict[str, Any]:
+    """Return a finished run's summary.json after checking that its metrics.csv is the one the run wrote.
+
+    Checks the SHA-256 of metrics.csv that the engine records in summary.json (``metrics_sha256``), and, for
+    every summary field present, that ``epochs_completed`` is the number of rows and ``test_acc`` / ``epsilon``
+    are the last row's. Raises RunFolderError naming the run dir and the first disagreement.
+    """
+    rd = Path(run_dir)
+    fix = "restore the run folder, or delete it and rerun the sweep to retrain that point"
+    try:
+        summary = json.loads((rd / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunFolderError(f"{str(rd)!r}: summary.json is unreadable ({e}); {fix}") from None
+    if not isinstance(summary, dict):
+        raise RunFolderError(f"{str(rd)!r}: summary.json is not a JSON object; {fix}")
+    sha = summary.get("metrics_sha256")
+    if sha is not None and file_sha256(rd / "metrics.csv") != sha:
+        raise RunFolderError(f"{str(rd)!r}: metrics.csv is not the file the run wrote (its SHA-256 differs from "
+                             f"the one in summary.json: edited or damaged); {fix}")
+    try:
+        metrics = pd.read_csv(rd / "metrics.csv")
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise RunFolderError(f"{str(rd)!r}: metrics.csv is unreadable ({str(e).splitlines()[0]}); {fix}") from None
+    checks = [("epochs_completed", len(metrics), "rows")]
+    for col in ("test_acc", "epsilon"):
+        if col in metrics.columns and len(metrics):
+            checks.append((col, metrics[col].iloc[-1], "last row"))
+    for key, have, what in checks:
+        if key in summary and not _same(summary[key], have):
+            raise RunFolderError(f"{str(rd)!r}: metrics.csv disagrees with summary.json ({key}={summary[key]!r} in "
+                                 f"summary.json, {have!r} in metrics.csv's {what}); {fix}")
+    return summary
+
+
+def run_table(run_dir: Path, profiles: Sequence[Any], devices: Sequence[int] = (1,)) -> pd.DataFrame:
+    """metrics.csv of one run joined with its cost per accelerator (one row per epoch x accelerator x device
+    count). With several device counts, ``accelerator`` names the option ('h100_sxm x8'); ``hw`` and
+    ``devices`` keep its parts."""
     metrics = pd.read_csv(run_dir / "metrics.csv")
     if not profiles:
         return metrics
     from dpquant_sim.cost.run import cost_run
 
-    cost = cost_run(run_dir, profiles)
+    cost = cost_run(run_dir, profiles, devices=tuple(devices))
+    if "hw" in cost.columns and "devices" in cost.columns and "accelerator" not in cost.columns:
+        cost["accelerator"] = [h if n == 1 else f"{h} x{n}" for h, n in zip(cost["hw"], cost["devices"])]
     if "accelerator" not in cost.columns:
         for alt in ("hw", "profile", "hardware", "name"):
             if alt in cost.columns:
@@ -88,6 +140,7 @@ def collect_sweep(
     points: Sequence[Any] | None = None,
     include_partial: bool = False,
     write: bool = True,
+    devices: Sequence[int] = (1,),
 ) -> pd.DataFrame:
     """Build (and by default write) the tidy table of a sweep folder.
 
@@ -98,6 +151,7 @@ def collect_sweep(
         include_partial: also include runs without summary.json (their finished epochs), flagged
             ``complete=False``.
         write: write ``results.csv`` and ``results.parquet`` atomically.
+        devices: data-parallel device counts to cost every run on.
     """
     out_dir = Path(out_dir)
     pts = _points_frame(out_dir, points)
@@ -113,16 +167,13 @@ def collect_sweep(
         complete = (rd / "summary.json").is_file()
         if not (rd / "metrics.csv").is_file() or not (complete or include_partial):
             continue
-        t = run_table(rd, profiles)
+        summary = check_run_consistent(rd) if complete else {}
+        t = run_table(rd, profiles, devices)
         desc = pd.DataFrame({(k if k not in t.columns else f"{k}_point"): [v] * len(t) for k, v in row.items()})
         t = pd.concat([desc, t.reset_index(drop=True)], axis=1)
         t["complete"] = complete
         if complete:
-            try:
-                summary = json.loads((rd / "summary.json").read_text())
-                t["wall_s_total"] = summary.get("wall_s", summary.get("wall_s_total"))
-            except (json.JSONDecodeError, OSError):
-                pass
+            t["wall_s_total"] = summary.get("wall_s", summary.get("wall_s_total"))
         frames.append(t)
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(pts.columns) + ["epoch"])
     # Stable row order: point order of the sweep, then epoch, then accelerator.
@@ -132,9 +183,16 @@ def collect_sweep(
         sort_cols = ["_o", "epoch"] + (["accelerator"] if "accelerator" in table.columns else [])
         table = table.sort_values(sort_cols, kind="stable").drop(columns="_o").reset_index(drop=True)
     if write:
-        atomic_write_df(out_dir / TABLE_CSV, table)
-        atomic_write_df(out_dir / TABLE_PARQUET, _parquet_safe(table))
+        write_table(table, out_dir / TABLE_CSV)
     return table
+
+
+def write_table(table: pd.DataFrame, csv_path: str | Path) -> Path:
+    """Write ``table`` atomically as ``csv_path`` and as the .parquet file of the same stem; return csv_path."""
+    csv_path = Path(csv_path)
+    atomic_write_df(csv_path, table)
+    atomic_write_df(csv_path.with_suffix(".parquet"), _parquet_safe(table))
+    return csv_path
 
 
 def _parquet_safe(df: pd.DataFrame) -> pd.DataFrame:

@@ -19,6 +19,7 @@ YAML layout (every key optional except ``grid`` entries must be lists)::
       recipe: [fp8, fp4]       # any other TrainConfig field: model, dataset, seed, epsilon, noise_multiplier...
       seed: [0, 1, 2]
     accelerators: all          # or a list of profile names (dpquant-sim hw list)
+    devices: [1, 8]            # data-parallel device counts to cost every run on (default [1])
     executor: {kind: local, workers: 2, threads_per_worker: 1}
 
 Every point is a fully resolved TrainConfig; its id is a hash of that config, so ids are stable across
@@ -67,6 +68,7 @@ class SweepConfig(BaseModel):
     base: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     accelerators: Literal["all"] | list[str] = "all"
+    devices: list[int] = Field(default_factory=lambda: [1])
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
 
     @field_validator("grid")
@@ -80,6 +82,13 @@ class SweepConfig(BaseModel):
                 if not isinstance(s, dict) or "kind" not in s:
                     raise ValueError(f"grid.schedule[{i}]={s!r} must be a mapping with a 'kind' key")
         return v
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_positive(cls, v: list[int]) -> list[int]:
+        if not v or any(isinstance(d, bool) or d < 1 for d in v):
+            raise ValueError(f"devices={v!r}: give a non-empty list of positive device counts, e.g. [1, 8]")
+        return list(dict.fromkeys(v))
 
     @field_validator("accelerators")
     @classmethod

@@ -12,6 +12,10 @@ executor is plain ``ray.remote`` tasks on whatever ``ray.init(address=...)`` con
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
+import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -35,12 +39,71 @@ def _set_threads(n: int) -> None:
         pass
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WATCHDOG_PERIOD_S = 0.5
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this pool worker die when the sweep process that started it dies, however it dies (SIGKILL too).
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, delivered by the kernel the moment the parent exits (strictly:
+    when the parent's thread that spawned the worker exits; ``run_local`` spawns from the thread that runs the
+    sweep, which outlives the pool). Everywhere, as a fallback: a daemon thread that SIGKILLs this process once
+    its parent pid changes (re-parented to init or a subreaper), within ``WATCHDOG_PERIOD_S``. An orphaned
+    worker would otherwise keep training queued points and race a rerun of the sweep.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the watchdog still covers it
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def watch() -> None:
+        while True:
+            time.sleep(WATCHDOG_PERIOD_S)
+            if os.getppid() != parent_pid:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="dpquant-parent-watchdog", daemon=True).start()
+
+
+class _Terminated(SystemExit):
+    """Raised in a pool worker by SIGTERM (the parent stopping a running point)."""
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    """SIGTERM unwinds the worker like an exit, so the point's run-folder lock is released and its half-written
+    temporary file removed on the way out; ``_call`` then ends the process (the pool would otherwise catch the
+    exception and hand the worker its next point)."""
+    raise _Terminated(128 + signum)
+
+
+def _worker_init(threads: int, parent_pid: int) -> None:
+    """Pool worker initializer: die with the parent, leave Ctrl-C to it, ``threads`` torch threads.
+
+    Ctrl-C in a terminal sends SIGINT to the whole foreground process group, workers included; they ignore it
+    so that the parent alone handles it (it cancels queued points and terminates running workers, whose SIGTERM
+    unwinds them cleanly), instead of every worker printing its own KeyboardInterrupt traceback.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    _die_with_parent(parent_pid)
+    _set_threads(threads)
+
+
 def _call(point_fn: PointFn, config: Any, run_dir: Path) -> str | None:
     """Run one point; return None on success or the formatted traceback (never raises, so one failure
     cannot take the pool down)."""
     try:
         point_fn(config, Path(run_dir))
         return None
+    except _Terminated as e:
+        os._exit(int(e.code))  # unwound; now leave for real (see _exit_on_sigterm)
     except Exception:  # noqa: BLE001 - reported per point by the runner
         return traceback.format_exc()
 
@@ -58,7 +121,8 @@ def run_local(
     """Run points in a ``ProcessPoolExecutor`` of ``workers`` spawned processes, ``threads`` torch threads each.
 
     On KeyboardInterrupt pending points are cancelled and running workers are terminated; finished runs
-    stay on disk (their writes were atomic) and a rerun picks up from there.
+    stay on disk (their writes were atomic) and a rerun picks up from there. If this process is killed
+    outright (SIGKILL), its workers die with it (``_die_with_parent``) instead of training on as orphans.
     """
     import multiprocessing as mp
 
@@ -67,7 +131,8 @@ def run_local(
         return
     # spawn: a fresh interpreter per worker (fork after torch/OpenMP initialised can deadlock).
     ctx = mp.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_set_threads, initargs=(threads,))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                               initargs=(threads, os.getpid()))
     futures = {}
     try:
         for pid, cfg, run_dir in tasks:
@@ -90,6 +155,8 @@ def run_local(
         for p in procs:
             if p.is_alive():
                 p.terminate()
+        for p in procs:  # let them unwind (locks, temporaries) before this process exits and kills them
+            p.join(timeout=10)
         raise
     else:
         pool.shutdown(wait=True)

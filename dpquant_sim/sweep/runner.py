@@ -2,11 +2,16 @@
 
 Layout of a sweep folder::
 
-    OUT/sweep.yaml        the sweep config as run (rewritten each run; points are keyed by config hash)
+    OUT/sweep.yaml        the sweep config as run; a rerun must give the same sweep (executor settings aside)
     OUT/points.csv        one row per point: id, label, descriptive columns
     OUT/runs/<id>/        one training run dir each (config.yaml, metrics.csv, checkpoint.pt, summary.json)
     OUT/runs/<id>/error.txt   traceback of the last failed attempt (removed when the point later succeeds)
     OUT/results.csv|.parquet  the tidy table: runs x epochs x accelerators (see collect.py)
+    OUT/.lock             while a sweep process writes the folder (its pid); each run dir has its own
+
+One folder, one sweep: a folder whose sweep.yaml describes another sweep (other points, accelerators or name),
+or that holds run dirs of points not in this sweep, is refused; otherwise the old runs would be orphaned and
+the table would mix two sweeps. Executor settings (kind, workers, threads, address) may change between reruns.
 
 Example: ``run_sweep(SweepConfig.from_yaml("analysis/sweeps/tiny.yaml"), "runs/tiny")``.
 """
@@ -20,8 +25,9 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from dpquant_sim.errors import ConfigError, check_choice
-from dpquant_sim.io import atomic_write_df, atomic_write_text
+from dpquant_sim.errors import ConfigError, RunFolderError, check_choice
+from dpquant_sim.io import atomic_write_df, atomic_write_text, clean_stale_temps
+from dpquant_sim.locking import folder_lock
 from dpquant_sim.sweep.config import SweepConfig, SweepPoint
 from dpquant_sim.sweep.executors import PointFn, run_local, run_ray, run_serial
 
@@ -61,6 +67,44 @@ def write_index(cfg: SweepConfig, points: list[SweepPoint], out_dir: Path) -> No
     atomic_write_df(out_dir / "points.csv", pd.DataFrame(rows))
 
 
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict) and d:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def check_sweep_folder(cfg: SweepConfig, points: list[SweepPoint], out_dir: Path) -> None:
+    """Refuse ``out_dir`` when it belongs to another sweep (see the module docstring). RunFolderError names the
+    differing keys, or the run dirs that are not points of ``cfg``."""
+    prev_yaml = out_dir / "sweep.yaml"
+    if prev_yaml.is_file():
+        try:
+            prev = SweepConfig.from_yaml(prev_yaml)
+        except ConfigError as e:
+            raise RunFolderError(f"{str(out_dir)!r} holds a sweep.yaml that does not load ({e}); use another "
+                                 "--out, or restore that file") from None
+        a = _flat(prev.model_dump(mode="json", exclude={"executor"}))
+        b = _flat(cfg.model_dump(mode="json", exclude={"executor"}))
+        diff = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
+        if diff:
+            shown = "; ".join(f"{k}: {a.get(k, '<unset>')!r} there, {b.get(k, '<unset>')!r} here" for k in diff[:4])
+            more = f" (and {len(diff) - 4} more)" if len(diff) > 4 else ""
+            raise RunFolderError(
+                f"{str(out_dir)!r} holds another sweep ({shown}{more}); one folder holds one sweep, so its "
+                "finished runs are not orphaned: use another --out, or rerun with that folder's sweep.yaml")
+    runs = out_dir / "runs"
+    if runs.is_dir():
+        ids = {p.id for p in points}
+        strangers = sorted(d.name for d in runs.iterdir() if d.is_dir() and d.name not in ids)
+        if strangers:
+            raise RunFolderError(
+                f"{str(out_dir)!r} holds {len(strangers)} run dir(s) that are not points of this sweep (e.g. "
+                f"runs/{strangers[0]}); one folder holds one sweep: use another --out")
+
+
 def run_sweep(
     cfg: SweepConfig,
     out_dir: str | Path,
@@ -85,6 +129,10 @@ def run_sweep(
         progress: show a rich progress bar.
         collect: build ``results.csv``/``results.parquet`` afterwards (from every finished point).
         on_point: callback ``(point_id, error_or_None)`` after each point (tests, custom logging).
+
+    Raises:
+        RunFolderError: ``out_dir`` holds another sweep, or another process is running a sweep in it.
+        ConfigError: ``out_dir`` is a file, lies under one, or is not writable.
     """
     out_dir = Path(out_dir)
     kind = executor or cfg.executor.kind
@@ -92,12 +140,23 @@ def run_sweep(
     points = cfg.points()
     if not points:
         raise ConfigError("grid", cfg.grid, "a grid that yields at least one point")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out_dir, what="sweep folder"):
+        clean_stale_temps(out_dir)
+        check_sweep_folder(cfg, points, out_dir)
+        return _run_locked(cfg, points, out_dir, kind=kind, workers=workers, address=address, point_fn=point_fn,
+                           progress=progress, collect=collect, on_point=on_point)
+
+
+def _run_locked(cfg: SweepConfig, points: list[SweepPoint], out_dir: Path, *, kind: str, workers: int | None,
+                address: str | None, point_fn: PointFn, progress: bool, collect: bool,
+                on_point: Callable[[str, str | None], None] | None) -> SweepResult:
+    """``run_sweep`` once it holds the folder."""
     write_index(cfg, points, out_dir)
     result = SweepResult(out_dir=out_dir, points=points)
     todo = []
     for p in points:
         rd = out_dir / "runs" / p.id
+        clean_stale_temps(rd, owned=False)  # left by writers killed in an earlier attempt (any point function)
         if is_done(rd):
             result.skipped.append(p.id)
         else:
@@ -144,5 +203,5 @@ def run_sweep(
     if collect:
         from dpquant_sim.sweep.collect import collect_sweep
 
-        result.table = collect_sweep(out_dir, accelerators=cfg.accelerators, points=points)
+        result.table = collect_sweep(out_dir, accelerators=cfg.accelerators, points=points, devices=cfg.devices)
     return result

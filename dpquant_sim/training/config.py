@@ -75,6 +75,9 @@ class TrainConfig(BaseModel):
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     max_grad_norm: float = Field(1.0, gt=0.0, description="per-example clipping norm C")
     accountant: Literal["rdp", "prv"] = "rdp"
+    clipping: Literal["hooks", "ghost", "bk", "mixed"] = Field(
+        "mixed", description="how per-example clipping is computed (same update, different cost; "
+        "dpquant_sim.clipping_rules)")
     secure_noise: bool = Field(False, description="draw DP noise and Poisson sampling from OS entropy (never "
                                "written; resumable only from checkpoint.pt) instead of from seed")
     release_train_loss: bool = Field(False, description="write the un-noised training loss of private runs to "

@@ -7,6 +7,7 @@
     metrics.csv      one row per finished epoch (columns: METRIC_COLUMNS)
     checkpoint.pt    everything needed to resume exactly (torch.load(weights_only=True) loadable)
     summary.json     written last, when the run is complete (or stopped at the privacy budget)
+    .lock            while a process writes the folder (its pid); see ``train``
 
 How one run goes:
 
@@ -64,8 +65,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpquant_sim.errors import ConfigError, PrivacyBudgetExceeded
-from dpquant_sim.io import atomic_write, atomic_write_df, atomic_write_json
+from dpquant_sim.errors import ConfigError, PrivacyBudgetExceeded, RunFolderError
+from dpquant_sim.io import atomic_write, atomic_write_df, atomic_write_json, clean_stale_temps, file_sha256
+from dpquant_sim.locking import folder_lock
 from dpquant_sim.plan import EpochPlan
 from dpquant_sim.training.accounting import DPSGD, Mechanism, PrivacyLedger, calibrate_noise, compose_epsilon
 from dpquant_sim.training.config import TrainConfig
@@ -279,24 +281,21 @@ class _Run:
 
         base = make_base(cfg, model)
         if cfg.private:
-            from opacus import GradSampleModule
             from opacus.validators import ModuleValidator
 
-            from dpquant_sim.training.optim import MaskedDPOptimizer
-
             ModuleValidator.validate(model, strict=True)
-            # Sum reduction: each example's output gradient is d loss_i / d y_i, whatever the realized Poisson
-            # batch size |B|. A mean-reduced loss would hand every quantizer dy_i / |B|, and a power-of-two
-            # (MX) scale rounds that differently for each |B|, so one example's clipped gradient would depend on
-            # whether another was sampled. The optimizer divides by the *expected* batch size once, after noise.
-            self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
             self.noise_gen = torch.Generator(device=self.device).manual_seed(seeds["noise"])
-            # secure_mode: Opacus's noise that resists floating-point attacks (sum of 4 normals, arXiv 2107.10138)
-            self.optimizer = MaskedDPOptimizer(base, noise_multiplier=self.sigma, max_grad_norm=cfg.max_grad_norm,
-                                               expected_batch_size=cfg.batch_size, generator=self.noise_gen,
-                                               secure_mode=cfg.secure_noise)
         else:
-            self.gsm, self.noise_gen, self.optimizer = None, None, base
+            self.noise_gen = None
+        # The loss is summed in every algorithm: each example's output gradient is d loss_i / d y_i, whatever the
+        # realized Poisson batch size |B|. A mean-reduced loss would hand every quantizer dy_i / |B|, and a
+        # power-of-two (MX) scale rounds that differently for each |B|, so one example's clipped gradient would
+        # depend on whether another was sampled. The DP optimizer divides by the *expected* batch size once.
+        from dpquant_sim.training.clipping import build_clipping
+
+        dp = dict(noise_multiplier=self.sigma, max_grad_norm=cfg.max_grad_norm, expected_batch_size=cfg.batch_size,
+                  generator=self.noise_gen, secure_mode=cfg.secure_noise) if cfg.private else {}
+        self.clipper = build_clipping(cfg.clipping if cfg.private else "none", model, base, **dp)
         self.base_optimizer = base
         self.sampler_gen = torch.Generator().manual_seed(seeds["sampler"])
         self.ctx_rng = np.random.default_rng(seeds["schedule"])
@@ -364,37 +363,8 @@ class _Run:
         masks = self.prune_state.param_masks(self.model) if self.prune_state is not None else None
         if self.dropper is not None:
             masks = _named_masks(self.model, self.dropper.masks(self.model, self.global_step, base=masks))
-        loss_sum = 0.0
-        if self.cfg.private:
-            opt = self.optimizer
-            opt.set_masks(masks)
-            if len(idx) == 0:
-                opt.prepare_empty_batch()
-            else:
-                chunks = self._batches(idx)
-                for i, ci in enumerate(chunks):
-                    out = self.gsm(self.x_train[ci])
-                    loss = F.cross_entropy(out, self.y_train[ci], reduction="sum")
-                    loss.backward()
-                    loss_sum += float(loss.detach())
-                    if i < len(chunks) - 1:
-                        opt.signal_skip_step(do_skip=True)
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        elif len(idx) > 0:
-            from dpquant_sim.training.optim import mask_plain_grads
-
-            self.model.train()
-            for ci in self._batches(idx):
-                out = self.model(self.x_train[ci])
-                loss = F.cross_entropy(out, self.y_train[ci], reduction="sum")
-                (loss / len(idx)).backward()
-                loss_sum += float(loss.detach())
-            mask_plain_grads(self.model.parameters(), masks)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        chunks = [(self.x_train[ci], self.y_train[ci]) for ci in self._batches(idx)] if len(idx) else []
+        loss_sum = self.clipper.step(chunks, masks)
         if self.prune_state is not None:
             self.prune_state.reapply(self.model)
         self.global_step += 1
@@ -499,6 +469,8 @@ class _Run:
             "accountant": self.cfg.accountant if self.cfg.private else None, "delta": self.cfg.delta,
             "secret_randomness": self._randomness_note() if self.cfg.private else None,
             "train_loss_released": self.releases_train_loss,
+            "clipping": self.cfg.clipping if self.cfg.private else None,
+            "quantizer_backend": _quantizer_backend(),
             "target_epsilon": self.cfg.epsilon if self.cfg.private else None,
             "planned_mechanisms": [[m.name, m.noise_multiplier, m.sample_rate, m.steps] for m in
                                    _planned_sequence(self.schedule, self.cfg.epochs, 0, self.sigma, self.q, self.spe)
@@ -510,6 +482,13 @@ class _Run:
                  "out_shape": list(s.out_shape)} for s in self.layer_shapes],
             "dataset_info": d.info or {},
         }
+
+
+def _quantizer_backend() -> str:
+    from dpquant_sim.numerics.quantize import AUTO_COMPILE_MIN_NUMEL, default_backend
+
+    b = default_backend()
+    return f"auto (compiled for tensors of >= {AUTO_COMPILE_MIN_NUMEL} elements, eager below)" if b == "auto" else b
 
 
 def make_base(cfg: TrainConfig, model: nn.Module):
@@ -551,13 +530,91 @@ def _write_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with ``torch.load(weights_only=True)`` (tensors, numbers, strings, lists, dicts)."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """Load a checkpoint with ``torch.load(weights_only=True)`` (tensors, numbers, strings, lists, dicts).
+
+    Raises RunFolderError naming the file when it is truncated, damaged or not a dpquant-sim checkpoint.
+    """
+    path = Path(path)
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - empty (EOFError), truncated (RuntimeError), random (UnpicklingError)
+        size = path.stat().st_size
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:100]
+        reason = "an empty file" if size == 0 else f"{size} bytes, {type(e).__name__}: {first}"
+        raise RunFolderError(
+            f"{str(path)!r} is not a readable checkpoint ({reason}; truncated or damaged); restore it, or delete it "
+            "to restart that run from epoch 0") from None
+    if not isinstance(st, dict) or "config_json" not in st:
+        raise RunFolderError(f"{str(path)!r} is not a dpquant-sim checkpoint (no config_json); restore it, or delete "
+                             "it to restart that run from epoch 0")
+    return st
 
 
 def _existing_config(out_dir: Path) -> TrainConfig | None:
     p = out_dir / "config.yaml"
     return TrainConfig.from_yaml(p) if p.is_file() else None
+
+
+# Config fields that cannot change a run's numbers: a resume may change them.
+RESULT_NEUTRAL_FIELDS: tuple[str, ...] = ("threads",)
+# Fields a run fills in when the config leaves them None (auto); the checkpoint stores the filled-in value.
+RESOLVED_BY_RUN: tuple[str, ...] = ("schedule.noise_multiplier",)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, Mapping) and d:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_diff(stored: TrainConfig, requested: TrainConfig, *, resolved: Sequence[str] = ()) -> list[str]:
+    """The fields (dotted, e.g. ``schedule.budget``) where ``stored`` and ``requested`` differ, as
+    ``"lr: 1.0 stored, 0.1 requested"``; fields in RESULT_NEUTRAL_FIELDS are ignored, and so are ``resolved``
+    fields that ``requested`` leaves None."""
+    a, b = _flat(stored.model_dump(mode="json")), _flat(requested.model_dump(mode="json"))
+    out = []
+    for k in sorted(a.keys() | b.keys()):
+        va, vb = a.get(k, "<unset>"), b.get(k, "<unset>")
+        if va == vb or k.split(".")[0] in RESULT_NEUTRAL_FIELDS or (k in resolved and vb is None):
+            continue
+        out.append(f"{k}: {va!r} stored, {vb!r} requested")
+    return out
+
+
+def _check_resume(out: Path, cfg: TrainConfig) -> tuple[TrainConfig | None, dict[str, Any] | None]:
+    """The run folder's config.yaml and checkpoint, once both agree with ``cfg`` (else refuse, naming fields).
+
+    config.yaml is the run's label and the checkpoint holds the state that training continues from; both must
+    describe the requested run, or a resume would train with one config and label the result with another.
+    """
+    prev = _existing_config(out)
+    if prev is not None:
+        diff = config_diff(prev, cfg)
+        if diff:
+            raise ConfigError("out", str(out), "an empty folder or a run folder of this same config (it holds "
+                              f"another run's config.yaml; {'; '.join(diff)})")
+    ck = out / "checkpoint.pt"
+    if not ck.is_file():
+        return prev, None
+    st = load_checkpoint(ck)
+    try:
+        stored = TrainConfig.model_validate_json(st["config_json"])
+    except Exception as e:  # noqa: BLE001 - pydantic ValidationError or a non-string
+        raise RunFolderError(f"{str(ck)!r} holds a config that does not load ({str(e).splitlines()[0]}); restore "
+                             "it, or delete it to restart that run from epoch 0") from None
+    diff = config_diff(stored, cfg, resolved=RESOLVED_BY_RUN)
+    if diff:
+        edited = " (config.yaml was edited after the checkpoint was written)" if prev is not None else ""
+        raise RunFolderError(
+            f"{str(ck)!r} was written with other settings than requested{edited}: {'; '.join(diff)}; resuming "
+            "would train with the checkpoint's settings under the new label. Rerun with the checkpoint's values "
+            "(and restore config.yaml), or use another --out")
+    return prev, st
 
 
 def train(config: TrainConfig | Mapping[str, Any], out_dir: str | Path, *, progress: bool = True,
@@ -571,24 +628,34 @@ def train(config: TrainConfig | Mapping[str, Any], out_dir: str | Path, *, progr
         stop_after: stop after this many epochs in total (as if interrupted; for tests and time-boxing).
             The run stays resumable and summary.json is not written.
 
+    While it runs, the process holds ``out_dir/.lock`` (``dpquant_sim.locking``): one writer per run folder.
+    A resume first removes temporary files that a killed writer left, and checks that config.yaml and the
+    checkpoint's stored config both match ``config`` (fields in RESULT_NEUTRAL_FIELDS, e.g. threads, may differ).
+
     Raises:
-        ConfigError: bad config, batch larger than the data, out_dir of another run.
+        ConfigError: bad config, batch larger than the data, out_dir of another run, out_dir not a writable folder.
+        RunFolderError: another process holds out_dir; its checkpoint is unreadable or holds other settings.
         PrivacyBudgetExceeded: a fixed noise multiplier would spend more than ``epsilon``.
+        OutputError: a result cannot be written (full disk, read-only folder); finished epochs are kept.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.parse(config)
     out = Path(out_dir)
-    prev = _existing_config(out)
-    if prev is not None and prev != cfg:
-        raise ConfigError("out", str(out), "an empty folder or a run folder of this same config (it holds "
-                          "another run's config.yaml)")
+    with folder_lock(out, what="run folder"):
+        clean_stale_temps(out)
+        return _train_locked(cfg, out, progress=progress, stop_after=stop_after)
+
+
+def _train_locked(cfg: TrainConfig, out: Path, *, progress: bool, stop_after: int | None) -> RunResult:
+    """``train`` once this process holds the run folder."""
+    prev, state = _check_resume(out, cfg)
     if prev is not None and (out / "summary.json").is_file():
         return _result_from_dir(out, cfg)
 
     warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
     run = _Run(cfg, out)
     ck = out / "checkpoint.pt"
-    if ck.is_file():
-        run.load_state_dict(load_checkpoint(ck))
+    if state is not None:
+        run.load_state_dict(state)
     out.mkdir(parents=True, exist_ok=True)
     if prev is None:
         cfg.to_yaml(out / "config.yaml")
@@ -668,6 +735,8 @@ def train(config: TrainConfig | Mapping[str, Any], out_dir: str | Path, *, progr
         st = run.state_dict()
         st["rng"] = {k: (None if k in SECRET_STREAMS else v) for k, v in st["rng"].items()}
         _write_checkpoint(ck, st)
+    if (out / "metrics.csv").is_file():  # lets a later collect detect a hand-edited or damaged metrics.csv
+        summary["metrics_sha256"] = file_sha256(out / "metrics.csv")
     atomic_write_json(out / "summary.json", summary)
     return RunResult(out, cfg, metrics, summary)
 

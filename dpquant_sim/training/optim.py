@@ -97,3 +97,49 @@ def mask_plain_grads(params, masks: Mapping[torch.nn.Parameter, torch.Tensor] | 
         m = masks.get(p)
         if m is not None and p.grad is not None:
             p.grad.mul_(m.to(p.grad.dtype))
+
+
+class SummedDPOptimizer(MaskedDPOptimizer):
+    """The DP step for algorithms that compute the clipped sum themselves (book-keeping, ghost clipping).
+
+    ``set_summed({param: sum_i c_i g_i})`` hands over the clipped (and masked) sum; ``step()`` then adds the
+    same noise as :class:`MaskedDPOptimizer` would (same generator, same parameter order, same masks), divides
+    by the expected batch size and runs the wrapped optimizer. A parameter missing from the sum gets pure
+    noise (an empty Poisson batch).
+
+    >>> p = torch.nn.Parameter(torch.zeros(2))
+    >>> opt = SummedDPOptimizer(torch.optim.SGD([p], lr=1.0), noise_multiplier=0.0, max_grad_norm=1.0,
+    ...                         expected_batch_size=4)
+    >>> opt.set_summed({p: torch.tensor([2.0, -4.0])}); opt.step(); p.data
+    tensor([-0.5000,  1.0000])
+    """
+
+    def set_summed(self, summed: Mapping[torch.nn.Parameter, torch.Tensor]) -> None:
+        for p in self.params:
+            s = summed.get(p)
+            p.summed_grad = (s.to(p.dtype) if s is not None else torch.zeros_like(p)).reshape(p.shape)
+            m = self._masks.get(id(p))
+            if m is not None:
+                p.summed_grad = p.summed_grad * m
+
+    @property
+    def accumulated_iterations(self) -> int:
+        return 1
+
+    def clip_and_accumulate(self) -> None:  # the sum arrives clipped (set_summed)
+        pass
+
+    def pre_step(self, closure=None):
+        if any(p.summed_grad is None for p in self.params):
+            raise RuntimeError("SummedDPOptimizer.step() before set_summed(): no clipped sum to noise")
+        self.add_noise()
+        self.scale_grad()
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        for p in self.params:
+            p.summed_grad = None
+        self.original_optimizer.zero_grad(set_to_none)

@@ -7,6 +7,7 @@ training set: a mean/std computed on private data would be an unaccounted, data-
 from __future__ import annotations
 
 import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def read_bytes(path: Path) -> bytes:
             with gzip.open(path, "rb") as f:
                 return f.read()
         return path.read_bytes()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged deflate stream inside the .gz
         raise DatasetError(f"cannot read {str(path)!r}: {e}") from None
 
 

@@ -13,13 +13,16 @@ PPM (P6/P3) is decoded natively; PNG needs Pillow (``pip install pillow``) and i
 without it. Images are optionally cropped to their ROI, then resized to ``image_size`` (default 32)
 with antialiased bilinear interpolation.
 
+Image paths in the CSVs must be relative and stay inside their folder: an absolute path or one with ``..`` is
+refused (a CSV must not make the loader read files outside ``data_dir``).
+
 >>> # load_gtsrb("~/data/GTSRB") -> 3x32x32, 43 classes
 """
 
 from __future__ import annotations
 
 import csv
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import torch
@@ -55,6 +58,9 @@ def read_ppm(path: Path) -> np.ndarray:
         w, h, maxval = (int(t) for t in tokens[1:4])
     except ValueError:
         raise DatasetError(f"{str(path)!r}: bad PPM header {tokens!r}") from None
+    if w < 1 or h < 1 or not 1 <= maxval <= 65535:
+        raise DatasetError(f"{str(path)!r}: PPM header width={w}, height={h}, maxval={maxval}; expected width and "
+                           "height >= 1 and maxval in 1..65535")
     ch = 3 if magic in (b"P6", b"P3") else 1
     n = w * h * ch
     if magic in (b"P6", b"P5"):
@@ -64,9 +70,15 @@ def read_ppm(path: Path) -> np.ndarray:
             raise DatasetError(f"{str(path)!r}: {len(body)} pixel bytes, expected {n * dtype.itemsize} for {w}x{h}")
         arr = np.frombuffer(body, dtype=dtype, count=n).astype(np.float64)
     else:
-        arr = np.array(data[pos:].split()[:n], dtype=np.float64)
+        try:
+            arr = np.array(data[pos:].split()[:n], dtype=np.float64)
+        except ValueError:
+            raise DatasetError(f"{str(path)!r}: ASCII PPM with a non-numeric pixel value") from None
         if arr.size < n:
             raise DatasetError(f"{str(path)!r}: {arr.size} values, expected {n}")
+    if arr.size and (arr.min() < 0 or arr.max() > maxval):
+        raise DatasetError(f"{str(path)!r}: pixel values span {arr.min():g}..{arr.max():g}, expected 0..{maxval} "
+                           "(the header's maxval)")
     img = np.round(arr * (255.0 / maxval)).astype(np.uint8).reshape(h, w, ch)
     return np.repeat(img, 3, axis=2) if ch == 1 else img
 
@@ -87,7 +99,11 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"gtsrb: {str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                           f"{e.start}); expected a UTF-8 (or ASCII) CSV") from None
     delim = ";" if text.split("\n", 1)[0].count(";") > text.split("\n", 1)[0].count(",") else ","
     rows = list(csv.DictReader(text.splitlines(), delimiter=delim))
     cols = set(rows[0]) if rows else set()
@@ -97,14 +113,40 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
     return rows
 
 
+def _relative_image_path(rel: str | None, source: Path, row: int) -> PurePosixPath:
+    """A CSV's image path as a relative path that cannot leave its folder (no absolute path, drive or '..')."""
+    if not rel:
+        raise DatasetError(f"gtsrb: {str(source)!r} row {row}: empty image path")
+    p = PurePosixPath(rel.replace("\\", "/"))
+    if p.is_absolute() or PureWindowsPath(rel).drive or ".." in p.parts:
+        raise DatasetError(f"gtsrb: {str(source)!r} row {row}: image path {rel!r} leaves the data folder; expected "
+                           "a path relative to the CSV's folder, without '..'")
+    return p
+
+
+def _roi(r: dict[str, str], shape: tuple[int, ...], source: Path, row: int) -> tuple[int, int, int, int]:
+    """(x1, y1, x2, y2), inclusive, of a row; DatasetError unless they are integers that crop a non-empty box."""
+    keys = ("Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2")
+    try:
+        x1, y1, x2, y2 = (int(r[k]) for k in keys)
+    except (KeyError, TypeError, ValueError):
+        got = ", ".join(f"{k}={r.get(k)!r}" for k in keys)
+        raise DatasetError(f"gtsrb: {str(source)!r} row {row}: ROI {got}; expected four integers") from None
+    h, w = shape[:2]
+    if not (0 <= x1 <= x2 and 0 <= y1 <= y2 and x1 < w and y1 < h):
+        raise DatasetError(f"gtsrb: {str(source)!r} row {row}: ROI ({x1}, {y1})-({x2}, {y2}) crops nothing of a "
+                           f"{w}x{h} image; expected 0 <= X1 <= X2, 0 <= Y1 <= Y2 inside the image")
+    return x1, y1, x2, y2
+
+
 def _load_rows(rows, base_dirs: list[Path], image_size: int, crop_roi: bool, source: Path):
     xs, ys = [], []
     for i, r in enumerate(rows):
-        rel = r.get("Path") or r["Filename"]
+        rel = _relative_image_path(r.get("Path") or r.get("Filename"), source, i + 2)
         path = next((b / rel for b in base_dirs if (b / rel).is_file()), base_dirs[0] / rel)
         img = read_image(path)
         if crop_roi and r.get("Roi.X1") not in (None, ""):
-            x1, y1, x2, y2 = (int(r[k]) for k in ("Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2"))
+            x1, y1, x2, y2 = _roi(r, img.shape, source, i + 2)
             img = img[y1 : y2 + 1, x1 : x2 + 1]
         t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
         xs.append(resize_images(t, image_size)[0].clamp_(0, 255))
