@@ -233,22 +233,22 @@ def build_sections(folder: Path) -> list[Any]:
         gn = pd.read_csv(f)
         rec = "fp4" if "fp4" in set(gn["recipe"]) else gn["recipe"].iloc[0]
         mt = mechanism_table(gn, recipe=rec)
-        for col, title, ytitle, logy in (
-            ("linf_median", "Raw per-example output gradients: median over examples of ||dy_i||_inf",
-             "||dy_i||_inf", True),
-            ("l2_median", "Raw per-example output gradients: median of ||dy_i||_2", "||dy_i||_2", True),
-            ("spread_median", "Shape of dy_i: median spread ||dy_i||_inf^2 / rms(dy_i)^2 (what a max-scaled "
-                              "quantizer's relative error depends on)", "spread", False),
-            ("noise_to_clipped_elem", "DP noise per coordinate (sigma C) / RMS element of the clipped per-example "
-                                      "gradient (clip at C)", "ratio", True),
+        for col, head, title, ytitle, logy in (
+            ("linf_median", "Raw gradients: inf-norm",
+             "Raw per-example output gradients: median over examples of ||dy_i||_inf", "||dy_i||_inf", True),
+            ("l2_median", "Raw gradients: 2-norm", "Raw per-example output gradients: median of ||dy_i||_2",
+             "||dy_i||_2", True),
+            ("spread_median", "Raw gradients: shape", "Shape of dy_i: median spread ||dy_i||_inf^2 / rms(dy_i)^2 "
+             "(what a max-scaled quantizer's relative error depends on)", "spread", False),
+            ("noise_to_clipped_elem", "Noise vs a clipped element", "DP noise per coordinate (sigma C) / RMS element "
+             "of the clipped per-example gradient (clip at C)", "ratio", True),
         ):
             agg = _per_epoch(gn, col, rec)
             fig = line_figure(agg, x="epoch", y=f"{col}_mean", error=f"{col}_sd", color="regime", facet="panel",
                               title=title + " (mean +- std over seeds)", x_title="epochs completed",
                               y_title=ytitle, log_y=logy)
             html_ = _df_html(mt) if col == "linf_median" else ""
-            sections.append(Section(title.split(":")[0] if col == "linf_median" else title[:60], fig, agg, html_,
-                                    f"mech_{col}"))
+            sections.append(Section(head, fig, agg, html_, f"mech_{col}"))
         d = gn[(gn["recipe"] == rec) & (gn["epoch"] > 0)].copy()
         d["panel"] = d["model"] + " / " + d["layer"]
         fig = _scatter(d, x="loss_mean", y="linf_median", color="regime", facet="panel", title=(
