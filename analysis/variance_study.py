@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Variance-amplification study: does DP noise amplify quantization variance the way the DPQuant paper argues?
 
-    python analysis/variance_study.py --out results/variance --quick   # under 5 minutes on 2 cores
-    python analysis/variance_study.py --out results/variance           # full: 3 seeds (about 40 min on 2 cores)
+    python analysis/variance_study.py --out runs/variance --quick   # 1.5 minutes on 2 cores (under 5)
+    python analysis/variance_study.py --out runs/variance           # full: 3 seeds, CNN (about 25 min on 2 cores)
 
 Parts (``--only`` picks some; default: law, mechanism, rotation; then the report):
 
@@ -19,8 +19,8 @@ Parts (``--only`` picks some; default: law, mechanism, rotation; then the report
               (1 - p_l) Var_fp + p_l Var_q per layer, and against accuracy -> rotation.csv
   analytic    (optional) amax-scaled relative MSE per format, distribution and scale-group size (numerical
               integration) -> analytic_relative_mse.{csv,html}
-  drop        (optional) accuracy drop of static-all vs fp32 with and without DP noise, a sweep
-              -> empirical/, empirical_drop.{csv,html}
+  drop        (optional) accuracy drop of static-all vs fp32 with and without DP noise, two sweeps
+              -> empirical/variance-{nodp,dp}/ (each with its report.html), empirical_drop.{csv,html}
 
 and report.html (plotly, self-contained) with every figure's CSV under report_data/. Resumable: training runs
 and finished probes are reused (delete --out to start over). Heavy parts run one thread per run.
@@ -144,14 +144,16 @@ def drop(out: Path, args) -> None:
          "grid": {**grid, "noise_multiplier": [0.5, 1.0, 2.0] if args.quick else [0.5, 1.0, 2.0, 4.0]}},
     ]
     edir = out / "empirical"
-    points = []
-    for raw in sweeps:
+    tables = []
+    for raw in sweeps:  # one folder per sweep (a run folder holds one sweep)
         cfg = SweepConfig.from_dict({**raw, "accelerators": ["h100_sxm", "b200"]})
-        res = run_sweep(cfg, edir, workers=args.workers, collect=False)
+        sdir = edir / raw["name"]
+        res = run_sweep(cfg, sdir, workers=args.workers, collect=False)
         if res.failed:
-            print(f"warning: {len(res.failed)} empirical runs failed (see {edir}/runs/*/error.txt)", file=sys.stderr)
-        points += res.points
-    table = collect_sweep(edir, accelerators=["h100_sxm", "b200"], points=points)
+            print(f"warning: {len(res.failed)} empirical runs failed (see {sdir}/runs/*/error.txt)", file=sys.stderr)
+        tables.append(collect_sweep(sdir, accelerators=["h100_sxm", "b200"], points=res.points))
+        build_report(sdir, title=f"Variance study: empirical sweep {raw['name']}")
+    table = pd.concat(tables, ignore_index=True)
     table["noise_multiplier"] = table["noise_multiplier_cfg"].fillna(0.0).where(table["private"], 0.0)
     d = quantization_drop(table, by=("dataset", "model", "noise_multiplier", "recipe"))
     d = d[d["schedule_kind"] == "static-all"]
@@ -159,7 +161,6 @@ def drop(out: Path, args) -> None:
                       title="Empirical: accuracy drop of static-all quantization vs fp32 (0 = no DP noise), batch 64",
                       x_title="noise multiplier (0: non-private SGD)", y_title="test accuracy drop (fp32 - quantized)")
     write_figure(fig, d, out / "empirical_drop")
-    build_report(edir, title="Variance study: empirical sweep")
     print(f"drop: {table['point_id'].nunique()} runs; drops:\n{d.to_string(index=False)}")
 
 
