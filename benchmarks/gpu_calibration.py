@@ -58,9 +58,10 @@ def _time_cpu(fn, *, warmup_s: float = 0.2, iters: int = 20, queued: int = 1) ->
     return statistics.median(times)
 
 
-def _time_queued(fn, *, warmup_s: float = 0.2, iters: int = 5, queued: int = 10) -> float:
-    """Median seconds per call with ``queued`` calls issued back to back between two events (the host's
-    dispatch overlaps the previous kernel, as in a training step)."""
+def _time_cuda(fn, *, warmup_s: float = 0.2, iters: int = 20, queued: int = 1) -> float:
+    """Median seconds per call, timed with CUDA events after ``warmup_s`` seconds of warm-up calls; with
+    ``queued`` > 1, that many calls issued back to back between two events (the host's dispatch overlaps the
+    previous kernel, as in a training step)."""
     if DEVICE != "cuda":
         return _time_cpu(fn, warmup_s=warmup_s, iters=iters, queued=queued)
     t0 = time.perf_counter()
@@ -76,25 +77,6 @@ def _time_queued(fn, *, warmup_s: float = 0.2, iters: int = 5, queued: int = 10)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / queued)
-    return statistics.median(times)
-
-
-def _time_cuda(fn, *, warmup_s: float = 0.2, iters: int = 20) -> float:
-    """Median seconds per call, timed with CUDA events after ``warmup_s`` seconds of warm-up calls."""
-    if DEVICE != "cuda":
-        return _time_cpu(fn, warmup_s=warmup_s, iters=iters)
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < warmup_s:
-        fn()
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
     return statistics.median(times)
 
 
@@ -185,7 +167,7 @@ def _measure(rows: list[dict], shapes: list[dict], precs=PRECS, *, quick: bool =
                 fn = _gemm_fn(prec, m, k, n, b)
                 t = _time_cuda(fn, warmup_s=warm, iters=iters)
                 if queued:
-                    row["seconds_queued"] = _time_queued(fn, warmup_s=warm, iters=max(2, iters // 4))
+                    row["seconds_queued"] = _time_cuda(fn, warmup_s=warm, iters=max(2, iters // 4), queued=10)
             except Exception as e:  # a precision the device/torch build lacks
                 rows.append({**row, "error": repr(e)[:200]})
                 continue

@@ -266,3 +266,21 @@ def test_real_ctrl_c_of_train(tmp_path):
     assert proc.returncode == 130 and lines == [
         "interrupted; finished epochs and points are kept: rerun the same command to resume"], err
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] >= 1 and not (out / ".lock").exists()
+
+
+def test_a_finished_run_is_returned_from_a_read_only_folder(tmp_path, monkeypatch):
+    """Reading a finished run takes no lock, so it works where the folder cannot be written."""
+    from dpquant_sim import locking
+    from dpquant_sim.training.engine import train
+
+    cfg = dict(dataset="digits", model="mlp", n_train=64, n_test=32, batch_size=32, epochs=1, noise_multiplier=1.0)
+    first = train(cfg, tmp_path / "r", progress=False)
+
+    def no_lock(*a, **kw):
+        raise AssertionError("a finished run must not take the lock")
+
+    monkeypatch.setattr(locking, "folder_lock", no_lock)
+    import dpquant_sim.training.engine as eng
+
+    monkeypatch.setattr(eng, "folder_lock", no_lock)
+    assert train(cfg, tmp_path / "r", progress=False).summary == first.summary

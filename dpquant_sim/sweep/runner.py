@@ -29,6 +29,7 @@ from dpquant_sim.errors import ConfigError, RunFolderError, check_choice
 from dpquant_sim.io import atomic_write_df, atomic_write_text, clean_stale_temps
 from dpquant_sim.locking import folder_lock
 from dpquant_sim.sweep.config import SweepConfig, SweepPoint
+from dpquant_sim.training.config import flatten_config
 from dpquant_sim.sweep.executors import PointFn, run_local, run_ray, run_serial
 
 
@@ -67,15 +68,6 @@ def write_index(cfg: SweepConfig, points: list[SweepPoint], out_dir: Path) -> No
     atomic_write_df(out_dir / "points.csv", pd.DataFrame(rows))
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict) and d:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
 def check_sweep_folder(cfg: SweepConfig, points: list[SweepPoint], out_dir: Path) -> None:
     """Refuse ``out_dir`` when it belongs to another sweep (see the module docstring). RunFolderError names the
     differing keys, or the run dirs that are not points of ``cfg``."""
@@ -86,8 +78,8 @@ def check_sweep_folder(cfg: SweepConfig, points: list[SweepPoint], out_dir: Path
         except ConfigError as e:
             raise RunFolderError(f"{str(out_dir)!r} holds a sweep.yaml that does not load ({e}); use another "
                                  "--out, or restore that file") from None
-        a = _flat(prev.model_dump(mode="json", exclude={"executor"}))
-        b = _flat(cfg.model_dump(mode="json", exclude={"executor"}))
+        a = flatten_config(prev.model_dump(mode="json", exclude={"executor"}))
+        b = flatten_config(cfg.model_dump(mode="json", exclude={"executor"}))
         diff = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
         if diff:
             shown = "; ".join(f"{k}: {a.get(k, '<unset>')!r} there, {b.get(k, '<unset>')!r} here" for k in diff[:4])

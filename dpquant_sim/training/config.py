@@ -215,3 +215,13 @@ def config_error(e: ValidationError, source: str | None = None) -> ConfigError:
     if len(errs) > 1:
         allowed += f" ({len(errs) - 1} more problem{'s' if len(errs) > 2 else ''} in this config)"
     return ConfigError(field, value, allowed, source)
+
+
+def flatten_config(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {"dotted.key": leaf}, e.g. {"schedule": {"budget": 0.5}} -> {"schedule.budget": 0.5}."""
+    if isinstance(d, Mapping) and d:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}

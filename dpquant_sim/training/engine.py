@@ -70,7 +70,7 @@ from dpquant_sim.io import atomic_write, atomic_write_df, atomic_write_json, cle
 from dpquant_sim.locking import folder_lock
 from dpquant_sim.plan import EpochPlan
 from dpquant_sim.training.accounting import DPSGD, Mechanism, PrivacyLedger, calibrate_noise, compose_epsilon
-from dpquant_sim.training.config import TrainConfig
+from dpquant_sim.training.config import TrainConfig, flatten_config
 
 METRIC_COLUMNS: tuple[str, ...] = (
     "epoch", "train_loss", "test_loss", "test_acc", "epsilon", "delta", "accountant", "noise_multiplier",
@@ -563,20 +563,11 @@ RESULT_NEUTRAL_FIELDS: tuple[str, ...] = ("threads",)
 RESOLVED_BY_RUN: tuple[str, ...] = ("schedule.noise_multiplier",)
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, Mapping) and d:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
 def config_diff(stored: TrainConfig, requested: TrainConfig, *, resolved: Sequence[str] = ()) -> list[str]:
     """The fields (dotted, e.g. ``schedule.budget``) where ``stored`` and ``requested`` differ, as
     ``"lr: 1.0 stored, 0.1 requested"``; fields in RESULT_NEUTRAL_FIELDS are ignored, and so are ``resolved``
     fields that ``requested`` leaves None."""
-    a, b = _flat(stored.model_dump(mode="json")), _flat(requested.model_dump(mode="json"))
+    a, b = flatten_config(stored.model_dump(mode="json")), flatten_config(requested.model_dump(mode="json"))
     out = []
     for k in sorted(a.keys() | b.keys()):
         va, vb = a.get(k, "<unset>"), b.get(k, "<unset>")
@@ -629,6 +620,7 @@ def train(config: TrainConfig | Mapping[str, Any], out_dir: str | Path, *, progr
             The run stays resumable and summary.json is not written.
 
     While it runs, the process holds ``out_dir/.lock`` (``dpquant_sim.locking``): one writer per run folder.
+    A finished run (summary.json present) is only read, without the lock.
     A resume first removes temporary files that a killed writer left, and checks that config.yaml and the
     checkpoint's stored config both match ``config`` (fields in RESULT_NEUTRAL_FIELDS, e.g. threads, may differ).
 
@@ -640,6 +632,10 @@ def train(config: TrainConfig | Mapping[str, Any], out_dir: str | Path, *, progr
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.parse(config)
     out = Path(out_dir)
+    if (out / "summary.json").is_file():  # a finished run is only read (no lock: read-only folders work)
+        prev, _ = _check_resume(out, cfg)
+        if prev is not None:
+            return _result_from_dir(out, cfg)
     with folder_lock(out, what="run folder"):
         clean_stale_temps(out)
         return _train_locked(cfg, out, progress=progress, stop_after=stop_after)
