@@ -101,8 +101,6 @@ def is_temp_file(path: str | os.PathLike) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` can still write. A zombie (killed, not yet reaped: e.g. a pool worker re-parented
-    to a PID 1 that does not reap) answers ``kill(pid, 0)`` but never writes again, so it counts as dead."""
     if pid == os.getpid():
         return True
     try:
@@ -111,12 +109,12 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    if not Path("/proc/self/stat").is_file():  # no procfs (not Linux): trust kill(pid, 0)
-        return True
+    # A killed writer whose parent died too stays a zombie until something reaps it (a container's pid 1 may
+    # never do): it signals fine but writes nothing any more.
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):  # vanished meanwhile
-        return False
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): trust the signal
     return state not in ("Z", "X")
 
 

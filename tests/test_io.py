@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -105,26 +106,6 @@ def test_stale_temporaries_are_recognised_and_cleaned(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(keep)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_zombie_writer_counts_as_dead(tmp_path):
-    """A SIGKILLed pool worker re-parented to a PID 1 that does not reap stays a zombie: kill(pid, 0) still
-    succeeds, but it will never write again, so its temporaries are stale (a sweep rerun must remove them)."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    try:
-        deadline = time.time() + 30
-        while time.time() < deadline:  # exited, not reaped (no wait yet): a zombie
-            if open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
-                break
-            time.sleep(0.05)
-        else:
-            raise AssertionError("the child did not exit")
-        name = f".config.yaml.{proc.pid}-0a1b2c3d.tmp"
-        (tmp_path / name).write_text("half")
-        assert [p.name for p in clean_stale_temps(tmp_path, owned=False)] == [name]
-    finally:
-        proc.wait(timeout=30)
-
-
 def test_a_sigkilled_writer_leaves_only_a_hidden_temporary(tmp_path):
     """Reproduces the leftover: SIGKILL during atomic_write leaves '.<name>.<pid>-<hex>.tmp' and no target."""
     code = ("import sys, time; from dpquant_sim.io import atomic_write\n"
@@ -167,3 +148,26 @@ def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     return p.pid
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_zombie_writer_counts_as_dead(tmp_path):
+    """A killed writer nobody reaps (its parent died too) is a zombie: its temporaries are stale."""
+    import subprocess
+
+    from dpquant_sim.io import _pid_alive, clean_stale_temps
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 10
+    while time.time() < deadline:  # exited but not reaped: a zombie
+        if Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.05)
+    try:
+        assert not _pid_alive(child.pid)
+        stale = tmp_path / f".metrics.csv.{child.pid}-abcd1234.tmp"
+        stale.write_text("half")
+        assert clean_stale_temps(tmp_path, owned=False) == [stale]
+        assert _pid_alive(os.getpid())
+    finally:
+        child.wait()

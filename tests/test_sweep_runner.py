@@ -38,6 +38,8 @@ def fake_point(config, run_dir: Path) -> None:
     if os.environ.get("DPQ_FAKE_FAIL_KIND") == config.schedule.kind:
         raise RuntimeError(f"planted failure for {config.schedule.kind}")
     delay = float(os.environ.get("DPQ_FAKE_DELAY", "0"))
+    if str(config.seed) == os.environ.get("DPQ_FAKE_SLOW_SEED"):  # points that cannot finish before a kill
+        delay = float(os.environ.get("DPQ_FAKE_SLOW_DELAY", "30"))
     if (run_dir / "summary.json").is_file():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -234,7 +236,10 @@ def test_sigkilled_sweep_leaves_no_worker_and_reruns_to_the_same_table(tmp_path)
                   progress=False, collect=False)
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "DPQ_FAKE_DELAY": "0.5"})
+    # seed-1 points sleep 30 s per epoch, so however loaded the machine, the kill (after the first finished
+    # point) finds unfinished points
+    proc = subprocess.Popen([sys.executable, "-c", script],
+                            env={**os.environ, "DPQ_FAKE_DELAY": "0.5", "DPQ_FAKE_SLOW_SEED": "1"})
     try:
         workers = _kill_parent_only(proc, lambda: bool(list(out.glob("runs/*/summary.json"))))
     finally:

@@ -1,11 +1,12 @@
-"""Variance of quantization error, and how DP noise amplifies it.
+"""Quantization-error moments of a scalar distribution on a format's grid, and the accuracy-drop table.
 
-Three views (DESIGN.md section 7):
+Part of the variance study (DESIGN.md section 7; the mechanism itself is measured by :mod:`mechanism`,
+:mod:`grad_probe` and :mod:`variance_law`, which put quantization where the engine applies it: on weights,
+activations and raw per-example output gradients, before clipping and noise).
 
-(a) **Analytic** (this module, no training): the mean squared quantization error E[(q(x) - x)^2] of a scalar
-    drawn from a distribution (Gaussian, Laplace, Student-t, uniform or any frozen ``scipy.stats``
-    distribution) under a format's representable grid, by numerical integration over every representable
-    interval:
+(a) **Analytic** error of quantizing one scalar: E[(q(x) - x)^2] of x drawn from a distribution (Gaussian,
+    Laplace, Student-t, uniform or any frozen ``scipy.stats`` distribution) under a format's representable
+    grid, by numerical integration over every representable interval:
 
     - round-to-nearest: on [lo, hi] with midpoint m, err = x - lo on [lo, m] and hi - x on [m, hi];
     - stochastic rounding: q(x) = hi with probability (x - lo)/(hi - lo), so E[err^2 | x] = (x - lo)(hi - x)
@@ -19,11 +20,8 @@ Three views (DESIGN.md section 7):
     distribution truncated to |x| <= m.
 
 (b) **Empirical** accuracy/loss drop from quantization with and without DP noise: a sweep
-    (``analysis/variance_study.py`` builds it with :mod:`dpquant_sim.sweep`); :func:`quantization_drop`
-    turns its table into the drop per noise multiplier and format.
-
-(c) **Gradient level**: :func:`gradient_variance` measures, for a small model and batch, the variance of the
-    noisy clipped gradient with and without quantized GEMMs (per-sample gradients through Opacus).
+    (``analysis/variance_study.py --only drop`` builds it with :mod:`dpquant_sim.sweep`);
+    :func:`quantization_drop` turns its table into the drop per noise multiplier and format.
 
 Units: errors are in the units of x (squared for variances). Example:
 
@@ -64,7 +62,8 @@ def representable_values(fmt: str) -> np.ndarray:
     """Sorted finite representable values of an element format (float64), both signs, one zero.
 
     Float formats are enumerated from every bit pattern with ml_dtypes; int8/int4 are the symmetric integer
-    grids [-127, 127] and [-7, 7] (the symmetric range used for scaled integer quantization).
+    grids [-127, 127] and [-7, 7] (the symmetric range used for scaled integer quantization); log4 is LUQ's
+    radix-2 logarithmic grid {0, +-2^-2, ..., +-2^4} written from its definition.
     """
     import ml_dtypes
 
@@ -72,6 +71,9 @@ def representable_values(fmt: str) -> np.ndarray:
         return np.arange(-127, 128, dtype=np.float64)
     if fmt == "int4":
         return np.arange(-7, 8, dtype=np.float64)
+    if fmt == "log4":  # LUQ radix-2 log format by its definition: 0 and +-2^e for e in -2..4 (3 exponent bits)
+        p = 2.0 ** np.arange(-2, 5, dtype=np.float64)
+        return np.concatenate([-p[::-1], [0.0], p])
     if fmt == "fp16":
         codes = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)
     elif fmt in _ML_DTYPES:
@@ -87,7 +89,7 @@ def representable_values(fmt: str) -> np.ndarray:
         else:
             codes = raw.view(dt).astype(np.float64)
     else:
-        raise ConfigError("format", fmt, tuple(list(_ML_DTYPES) + ["fp16", "int8", "int4"]))
+        raise ConfigError("format", fmt, tuple(list(_ML_DTYPES) + ["fp16", "int8", "int4", "log4"]))
     vals = np.unique(codes[np.isfinite(codes)])
     return vals
 
@@ -342,40 +344,6 @@ def amax_scaled_error(
     )
 
 
-def noisy_gradient_error(
-    grad_std: float,
-    noise_multiplier: float,
-    clip: float,
-    batch_size: int,
-    fmt: str,
-    n: int,
-    *,
-    rounding: Literal["nearest", "stochastic"] = "stochastic",
-) -> dict[str, float]:
-    """Quantization error of a gradient coordinate before vs after DP noise (the amplification in numbers).
-
-    Model: the averaged clipped gradient has coordinates ~ N(0, grad_std^2); DP adds N(0, (sigma C / B)^2)
-    per coordinate. Both tensors of ``n`` coordinates are amax-scaled into ``fmt``. Returns the clean and
-    noisy MSEs and their ratio (the factor by which noise inflates the quantization variance).
-
-    >>> r = noisy_gradient_error(1e-3, 1.0, 1.0, 256, "fp4_e2m1", 1024, rounding="stochastic")
-    >>> r["amplification"] > 1
-    True
-    """
-    noise_std = noise_multiplier * clip / batch_size
-    clean = amax_scaled_error(gaussian(grad_std), fmt, n, rounding=rounding)
-    noisy = amax_scaled_error(gaussian(math.hypot(grad_std, noise_std)), fmt, n, rounding=rounding)
-    return {
-        "grad_std": grad_std,
-        "noise_std": noise_std,
-        "mse_clean": clean.mse,
-        "mse_noisy": noisy.mse,
-        "amplification": noisy.mse / clean.mse if clean.mse > 0 else math.inf,
-        "relative_mse_clean": clean.relative_mse,
-        "relative_mse_noisy": noisy.relative_mse,
-    }
-
-
 def analytic_table(
     formats: Sequence[str],
     distributions: Sequence[str] = ("gaussian", "laplace", "student_t"),
@@ -432,113 +400,3 @@ def quantization_drop(
     g = merged.groupby(by + ["schedule_kind"], dropna=False)["drop"]
     out = pd.DataFrame({"drop_mean": g.mean(), "drop_std": g.std(ddof=1).fillna(0.0), "n_seeds": g.size()})
     return out.reset_index()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# (c) gradient level: variance of the noisy clipped gradient with and without quantized GEMMs.
-
-
-def gradient_variance(
-    *,
-    recipe: str = "fp4",
-    noise_multipliers: Sequence[float] = (0.0, 0.5, 1.0, 2.0),
-    model: str = "mlp",
-    dataset: str = "digits",
-    batch_size: int = 64,
-    clip: float = 1.0,
-    lr: float = 0.5,
-    warm_steps: int = 20,
-    trials: int = 8,
-    seed: int = 0,
-) -> "Any":
-    """Variance of the DP gradient with and without quantized GEMMs, after noisy training steps.
-
-    For each noise multiplier sigma: start from the same initial weights, take ``warm_steps`` full-precision
-    DP-SGD steps (clip ``clip``, noise N(0, (sigma C)^2), learning rate ``lr``) so that the model state
-    carries the noise, then on a fixed batch compute per-sample gradients (Opacus GradSampleModule over our
-    quantized layers) in full precision and with every layer quantized by ``recipe`` (``trials`` independent
-    stochastic-rounding draws), clip each and sum. Per sigma we report (per coordinate, averaged over the
-    d parameters, in units of gradient^2, for the averaged gradient sum/B):
-
-    - ``quant_var``: variance across trials of the quantized clipped gradient (the variance quantization adds),
-    - ``quant_bias2``: squared distance of its mean from the full-precision clipped gradient,
-    - ``noise_var``: the DP noise variance (sigma C / B)^2 added to both,
-    - ``signal``: ||full-precision clipped gradient||^2 / d,
-    - ``quant_rel``: (quant_var + quant_bias2) / signal, the quantization error relative to the signal.
-
-    Requires the nn and training packages (QLinear/QConv2d with grad samplers).
-    """
-    import pandas as pd
-    import torch
-    from opacus import GradSampleModule
-
-    from dpquant_sim.nn import convert as nnconvert
-    from dpquant_sim.training.data import load_dataset
-    from dpquant_sim.training.models import build_model
-
-    bundle = load_dataset(dataset, seed=seed)
-    shape = tuple(bundle.input_shape)
-    c, h = (shape[0], shape[1]) if len(shape) == 3 else (1, shape[-1])
-    torch.manual_seed(seed)
-    net0 = build_model(model, in_channels=c, num_classes=bundle.num_classes, image_size=h)
-    init_state = {k: v.clone() for k, v in net0.state_dict().items()}
-    xs, ys = bundle.train.tensors[0], bundle.train.tensors[1]
-    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
-    rows = []
-    for sigma in noise_multipliers:
-        net = build_model(model, in_channels=c, num_classes=bundle.num_classes, image_size=h)
-        net.load_state_dict(init_state)
-        net = nnconvert.convert_model(net, seed=seed)
-        layers = nnconvert.quantizable_layers(net)
-        gsm = GradSampleModule(net)
-        params = [p for p in gsm.parameters() if p.requires_grad]
-        gen = torch.Generator().manual_seed(seed + 1)
-
-        def clipped_sum(xb, yb, quantized: bool, gen_seed: int = 0) -> torch.Tensor:
-            nnconvert.apply_plan(net, {name: (recipe if quantized else None) for name in layers}, dp=True)
-            if quantized:
-                for mod in net.modules():
-                    if hasattr(mod, "qconfig") and hasattr(mod, "generator"):
-                        mod.generator = torch.Generator().manual_seed(gen_seed)
-            gsm.zero_grad(set_to_none=True)
-            loss_fn(gsm(xb), yb).backward()
-            per = torch.cat([p.grad_sample.reshape(xb.shape[0], -1) for p in params], 1)
-            for p in params:
-                p.grad_sample = None
-                p.grad = None
-            factor = torch.clamp(clip / (per.norm(dim=1, keepdim=True) + 1e-6), max=1.0)
-            return (per * factor).sum(0).detach()
-
-        for step in range(warm_steps):
-            idx = torch.randint(0, xs.shape[0], (batch_size,), generator=gen)
-            g = clipped_sum(xs[idx], ys[idx], False)
-            g = (g + torch.randn(g.shape, generator=gen) * sigma * clip) / batch_size
-            with torch.no_grad():
-                off = 0
-                for p in params:
-                    p -= lr * g[off : off + p.numel()].view_as(p)
-                    off += p.numel()
-        xb, yb = xs[:batch_size], ys[:batch_size]
-        fp = clipped_sum(xb, yb, False) / batch_size
-        qs = torch.stack([clipped_sum(xb, yb, True, 1000 + t) for t in range(trials)]) / batch_size
-        quant_var = qs.var(dim=0, unbiased=True).mean().item() if trials > 1 else float("nan")
-        bias2 = (qs.mean(0) - fp).pow(2).mean().item()
-        signal = fp.pow(2).mean().item()
-        noise_var = (sigma * clip / batch_size) ** 2
-        rows.append(
-            {
-                "recipe": recipe,
-                "model": model,
-                "dataset": dataset,
-                "noise_multiplier": float(sigma),
-                "warm_steps": warm_steps,
-                "quant_var": quant_var,
-                "quant_bias2": bias2,
-                "noise_var": noise_var,
-                "signal": signal,
-                "quant_rel": (quant_var + bias2) / signal if signal > 0 else float("nan"),
-                "total_var_fp": noise_var,
-                "total_var_q": noise_var + quant_var,
-            }
-        )
-    return pd.DataFrame(rows)
