@@ -15,6 +15,14 @@ This script measures both for a run directory written by ``dpquant-sim train`` (
   one estimate cannot rank the layers; the EMA over estimates helps by at most sqrt(number of estimates).
   Both noise terms shrink with N (DP noise as 1/N, sampling as 1/sqrt(N)) at a fixed privacy budget.
 
+With ``--compare-estimators`` it also compares dpquant's two estimators (``estimator: forward | training``,
+``dpquant_sim.schedules.estimators``) on the same model: per estimator, the noise-free R_l and clipped R_l over
+the whole training set, the sampling std and the DP noise std at the SAME estimator epsilon (the training
+estimator is accounted with sensitivity 2 C_s, so its sigma_s is twice the forward one's), the SNR per
+estimate, the rank correlation of the two estimators' clipped R_l, and the wall-clock seconds of one estimate at
+the estimator's sample rate q_s (median of ``--timing-repeats``, both timed in the same process, ratio
+training / forward). Writes ``OUT/estimators.csv`` (per layer) and ``OUT/estimators.json`` (summary).
+
 This is an analysis of PRIVATE data with no privacy protection: it is for studying the method, never for a
 model that will be released.
 
@@ -48,6 +56,10 @@ def estimator_noise_std(run_dir: Path, cfg, n_train: int) -> tuple[float, float,
     info = json.loads((run_dir / "run_info.json").read_text())
     mech = [m for m in info.get("planned_mechanisms", []) if m[0] == "dpquant-estimator"]
     sigma, q = (float(mech[0][1]), float(mech[0][2])) if mech else (sched.noise_multiplier, sched.sample_rate)
+    if mech:  # the ledger's sigma is sigma_s / the estimator's sensitivity factor; the noise std is sigma_s C_s
+        from dpquant_sim.schedules.estimators import get_estimator
+
+        sigma *= get_estimator(sched.estimator).sensitivity_factor
     return sigma, q, sched.clip, sigma * sched.clip / (q * n_train)
 
 
@@ -82,6 +94,100 @@ def layer_sensitivity(run_dir: str | Path, recipe: str | None = None, batch_size
     return table, meta
 
 
+def _estimator_sigma(cfg, estimator: str) -> tuple[float, float, float]:
+    """(sigma_s, q_s, C_s) of dpquant's ``estimator`` at the run's epsilon, delta and epochs: the run's own
+    estimator settings when it ran dpquant (auto sigma resolved per estimator), otherwise dpquant's defaults."""
+    from dpquant_sim.schedules.configs import DPQuantConfig
+    from dpquant_sim.schedules.dpquant import resolve_estimator_noise
+
+    base = cfg.schedule if getattr(cfg.schedule, "kind", None) == "dpquant" else DPQuantConfig()
+    sched = base.model_copy(update={"estimator": estimator})
+    if base.estimator != estimator and base.noise_multiplier is not None:  # same epsilon: rescale the sigma
+        from dpquant_sim.schedules.estimators import get_estimator
+
+        f = get_estimator(estimator).sensitivity_factor / get_estimator(base.estimator).sensitivity_factor
+        sched = sched.model_copy(update={"noise_multiplier": base.noise_multiplier * f})
+    sched = resolve_estimator_noise(sched, epochs=cfg.epochs, epsilon=cfg.epsilon if cfg.private else None,
+                                    delta=cfg.delta, accountant=cfg.accountant)
+    return float(sched.noise_multiplier), float(sched.sample_rate), float(sched.clip)
+
+
+def _snr_columns(d: np.ndarray, clip: float, q: float, noise: float) -> tuple[dict, float, float]:
+    n = d.shape[0]
+    norms = np.linalg.norm(d, axis=1, keepdims=True)
+    dc = d * np.minimum(1.0, clip / np.maximum(norms, 1e-300))
+    cols = {"R": d.mean(0), "R_clipped": dc.mean(0), "sampling_std": np.sqrt((1 - q) * (dc ** 2).sum(0) / (q * n * n))}
+    total = np.sqrt(cols["sampling_std"] ** 2 + noise ** 2)
+    snr = float(cols["R_clipped"].std(ddof=1) / np.sqrt((total ** 2).mean())) if d.shape[1] > 1 else float("nan")
+    return cols, snr, float((norms[:, 0] > clip).mean())
+
+
+def compare_estimators(run_dir: str | Path, recipe: str | None = None, *, iters: int = 1, lr: float | None = None,
+                       repeats: int = 5) -> tuple[pd.DataFrame, dict]:
+    """Forward vs training estimator on a finished run's model: per-layer table and a summary dict (SNR per
+    estimate at the same estimator epsilon, wall-clock seconds per estimate and their ratio, same process)."""
+    import time
+
+    from dpquant_sim.nn.shapes import gemm_layers
+    from dpquant_sim.training.engine import load_run
+    from dpquant_sim.training.sensitivity import make_loss_delta_fn
+    from dpquant_sim.training.sensitivity_training import make_training_delta_fn
+
+    cfg, data, model = load_run(run_dir)
+    recipe = recipe or cfg.recipe
+    names = [s.name for s in gemm_layers(model, data.input_shape)]
+    n = len(data.train)
+    fwd = make_loss_delta_fn(model, data.train, recipe=recipe, dp=cfg.private)
+    trn = make_training_delta_fn(model, data.train, recipe=recipe, lr=cfg.lr, grad_clip=cfg.max_grad_norm,
+                                 dp=cfg.private)
+    call = {"forward": lambda q, g: fwd(names, q, g),
+            "training": lambda q, g: trn(names, q, g, iters=iters, lr=lr)}
+    table = pd.DataFrame({"layer": names})
+    summary: dict = {"run": str(run_dir), "recipe": str(recipe), "n_train": n, "layers": len(names),
+                     "estimator_iters": iters, "estimator_lr": cfg.lr if lr is None else lr,
+                     "estimator_grad_clip": cfg.max_grad_norm, "timing_repeats": repeats}
+    full = {}
+    for est in ("forward", "training"):
+        sigma, q, clip = _estimator_sigma(cfg, est)
+        d, _ = call[est](1.0, torch.Generator().manual_seed(0))  # the whole training set: noise-free R_l
+        d = d.double().numpy()
+        full[est] = d
+        noise = sigma * clip / (q * n)
+        cols, snr, clipped = _snr_columns(d, clip, q, noise)
+        for k, v in cols.items():
+            table[f"{est}_{k}"] = v
+        times = []
+        for r in range(repeats):  # one estimate's rows at the estimator's own rate (privatisation is negligible)
+            t0 = time.perf_counter()
+            call[est](q, torch.Generator().manual_seed(1000 + r))
+            times.append(time.perf_counter() - t0)
+        summary[est] = {"sigma_s": sigma, "q_s": q, "clip_s": clip, "noise_std": noise,
+                        "sampling_std_rms": float(np.sqrt((cols["sampling_std"] ** 2).mean())),
+                        "spread_clipped_R": float(np.std(cols["R_clipped"], ddof=1)) if len(names) > 1 else 0.0,
+                        "snr": snr, "clipped_fraction": clipped, "per_example_sd": float(d.std(0, ddof=1).mean()),
+                        "seconds_per_estimate": float(np.median(times))}
+    summary["time_ratio_training_over_forward"] = (summary["training"]["seconds_per_estimate"]
+                                                   / summary["forward"]["seconds_per_estimate"])
+    a, b = table["forward_R_clipped"].rank(), table["training_R_clipped"].rank()
+    summary["spearman_clipped_R"] = float(np.corrcoef(a, b)[0, 1]) if len(names) > 1 else float("nan")
+    summary["row_correlation"] = float(np.corrcoef(full["forward"].ravel(), full["training"].ravel())[0, 1])
+    return table, summary
+
+
+def estimator_markdown(summary: dict) -> str:
+    """The side-by-side table of ``compare_estimators``'s summary, as markdown."""
+    rows = ["| estimator | sigma_s | DP noise std | sampling std (rms) | spread of clipped R_l | SNR per estimate "
+            "| rows clipped | s per estimate |", "|---|---|---|---|---|---|---|---|"]
+    for est in ("forward", "training"):
+        s = summary[est]
+        rows.append(f"| {est} | {s['sigma_s']:.3g} | {s['noise_std']:.4f} | {s['sampling_std_rms']:.4f} | "
+                    f"{s['spread_clipped_R']:.4f} | {s['snr']:.2f} | {100 * s['clipped_fraction']:.0f}% | "
+                    f"{s['seconds_per_estimate']:.3f} |")
+    rows.append(f"\ntraining / forward wall-clock per estimate: {summary['time_ratio_training_over_forward']:.1f}x; "
+                f"Spearman rank correlation of clipped R_l: {summary['spearman_clipped_R']:.2f}")
+    return "\n".join(rows)
+
+
 def _figure(table: pd.DataFrame, meta: dict):
     import plotly.graph_objects as go
 
@@ -104,6 +210,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("run_dir", help="a finished run directory (config.yaml, run_info.json, checkpoint.pt)")
     p.add_argument("--recipe", default=None, help="quantization recipe (default: the run's)")
     p.add_argument("--out", default=None, help="output folder (default: the run directory)")
+    p.add_argument("--compare-estimators", action="store_true",
+                   help="also compare the forward and training estimators (SNR per estimate, wall-clock cost)")
+    p.add_argument("--estimator-iters", type=int, default=1, help="training estimator: short steps per policy")
+    p.add_argument("--estimator-lr", type=float, default=None, help="training estimator: step size (default: "
+                   "the run's lr)")
+    p.add_argument("--timing-repeats", type=int, default=5, help="estimates timed per estimator (median)")
     args = p.parse_args(argv)
     run = Path(args.run_dir)
     for f in ("config.yaml", "run_info.json", "checkpoint.pt"):
@@ -118,6 +230,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     with pd.option_context("display.width", 120, "display.float_format", "{:.4f}".format):
         print(table.to_string(index=False))
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in meta.items()}))
+    if args.compare_estimators:
+        layers_t, summary = compare_estimators(run, args.recipe, iters=args.estimator_iters, lr=args.estimator_lr,
+                                               repeats=args.timing_repeats)
+        atomic_write_df(out / "estimators.csv", layers_t)
+        atomic_write_text(out / "estimators.json", json.dumps(summary, indent=1))
+        print(estimator_markdown(summary))
     return table
 
 

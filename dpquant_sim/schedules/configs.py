@@ -83,6 +83,18 @@ class DPQuantConfig(_Budgeted):
         "shrinking them toward their mean by (1 - noise var / var across layers)+, noise = DP + sampling (a public "
         "bound) | clip | 1 before softmax"
     )
+    estimator: Literal["forward", "training"] = Field(
+        "forward", description="how per-example layer sensitivities are measured (dpquant_sim.schedules.estimators): "
+        "forward = loss deltas at the current weights, forward only (accounted with sensitivity C); training = the "
+        "paper's: loss deltas after estimator_iters short clipped SGD steps per candidate policy, each example on "
+        "its own (accounted with sensitivity 2C: ledger noise multiplier sigma_s / 2)",
+    )
+    estimator_iters: int = Field(1, ge=1, description="training estimator: short SGD steps per candidate policy "
+                                 "(the paper: 'a few', number not stated)")
+    estimator_lr: float | None = Field(None, ge=0.0, description="training estimator: step size of the short "
+                                       "steps; None = the run's lr (the paper does not state it)")
+    estimator_grad_clip: float | None = Field(None, gt=0.0, description="training estimator: per-example L2 clip "
+                                              "of the short steps' gradients; None = the run's max_grad_norm")
 
 
 ScheduleConfig = Annotated[

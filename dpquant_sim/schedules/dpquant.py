@@ -4,15 +4,19 @@ Every ``interval`` epochs, from epoch ``warmup_epochs`` on (epoch 0 by default),
 (DESIGN.md section 1); the warm-up epochs before the first estimate rotate layers uniformly (the random
 schedule's sampling, at the same budget), so the first scores are measured on a partly trained model:
 
-1. ``d, n_exp = ctx.loss_deltas(layer_names, q, generator)``: per-example loss deltas d[i, l] =
-   loss(x_i; only layer l quantized) - loss(x_i; full precision) on a Poisson sample (rate q) of the private
-   training set, n_exp = q * N its expected size (see ``dpquant_sim.training.sensitivity``).
+1. ``d, n_exp``: per-example loss deltas d[i, l] = loss(x_i; only layer l quantized) - loss(x_i; full precision)
+   on a Poisson sample (rate q) of the private training set, n_exp = q * N its expected size, from the estimator
+   named by ``estimator`` (``dpquant_sim.schedules.estimators``): ``forward`` (default: ``ctx.loss_deltas``,
+   at the current weights, see ``dpquant_sim.training.sensitivity``) or ``training`` (the paper's: after short
+   clipped training steps per candidate policy, see ``dpquant_sim.training.sensitivity_training``).
 2. Clip each example's L-vector to L2 norm C: d_i * min(1, C / ||d_i||); sum over examples. Adding or removing
    one example changes the sum by at most C in L2, so the Gaussian noise below gives a subsampled Gaussian
    mechanism with noise multiplier sigma and sample rate q (one "step" per estimate).
 3. Add N(0, sigma^2 C^2 I_L) (private runs only) and divide by n_exp: the raw estimate r_l.
 4. EMA: s <- ema * s + (1 - ema) * r (the first estimate initialises s).
-5. Register the mechanism: ``ctx.ledger.add_mechanism("dpquant-estimator", sigma, q, steps=1)``.
+5. Register the mechanism: ``ctx.ledger.add_mechanism("dpquant-estimator", sigma / f, q, steps=1)``, with f the
+   estimator's sensitivity factor (the clipped sum's L2 sensitivity in units of C: 1 for ``forward``, 2 for
+   ``training``); an auto sigma is calibrated for the accounted sigma / f, so f x that is the noise's.
 
 Every epoch, from the current smoothed scores s:
 
@@ -158,6 +162,14 @@ class DPQuantSchedule(OwnRng):
         it; the training engine resolves auto from the target epsilon, see ``resolve_estimator_noise``)."""
         return 1.0 if self.cfg.noise_multiplier is None else float(self.cfg.noise_multiplier)
 
+    @property
+    def accounted_sigma(self) -> float:
+        """The noise multiplier the ledger accounts one estimate with: sigma_s / the estimator's sensitivity factor
+        (noise std sigma_s C over an L2 sensitivity of factor x C; see ``dpquant_sim.schedules.estimators``)."""
+        from dpquant_sim.schedules.estimators import get_estimator
+
+        return self.sigma / get_estimator(self.cfg.estimator).sensitivity_factor
+
     def planned_mechanisms(
         self, epochs: int, steps_per_epoch: int = 0, *, private: bool = True
     ) -> list[tuple[str, float, float, int]]:
@@ -173,7 +185,7 @@ class DPQuantSchedule(OwnRng):
             return []
         self._check_private_noise()
         n = num_estimates(epochs, self.cfg.interval, self.cfg.warmup_epochs)
-        return [(MECHANISM_NAME, float(self.sigma), float(self.cfg.sample_rate), n)] if n else []
+        return [(MECHANISM_NAME, float(self.accounted_sigma), float(self.cfg.sample_rate), n)] if n else []
 
     def _check_private_noise(self) -> None:
         if self.sigma <= 0:
@@ -185,12 +197,10 @@ class DPQuantSchedule(OwnRng):
 
     # --- estimation ----------------------------------------------------------------------------------
     def _estimate(self, ctx: ScheduleContext, names: list[str], rng: np.random.Generator) -> None:
+        from dpquant_sim.schedules.estimators import get_estimator
+
         cfg = self.cfg
-        if ctx.loss_deltas is None:
-            raise ConfigError(
-                "ScheduleContext.loss_deltas", None,
-                "a LossDeltaFn (dpquant_sim.training.sensitivity.make_loss_delta_fn) for schedule 'dpquant'",
-            )
+        estimator = get_estimator(cfg.estimator)
         if ctx.private:
             self._check_private_noise()
             if ctx.ledger is None:
@@ -200,7 +210,7 @@ class DPQuantSchedule(OwnRng):
                 )
         sample_gen = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
         noise_gen = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
-        d, n_exp = ctx.loss_deltas(names, cfg.sample_rate, sample_gen)
+        d, n_exp = estimator.deltas(ctx, names, cfg, sample_gen)
         d = torch.as_tensor(d)
         if d.ndim != 2 or d.shape[1] != len(names):
             raise ConfigError("loss_deltas", tuple(d.shape), f"a [n_examples, {len(names)}] tensor")
@@ -211,7 +221,7 @@ class DPQuantSchedule(OwnRng):
             noise = torch.normal(0.0, self.sigma * cfg.clip, size=(len(names),), generator=noise_gen,
                                  dtype=torch.float64)
             total = total + noise
-            ctx.ledger.add_mechanism(MECHANISM_NAME, self.sigma, cfg.sample_rate, steps=1)
+            ctx.ledger.add_mechanism(MECHANISM_NAME, self.accounted_sigma, cfg.sample_rate, steps=1)
         raw = (total / float(n_exp)).tolist()
         if self.scores is None or set(self.scores) != set(names):
             self.scores = dict(zip(names, raw))
@@ -305,7 +315,7 @@ class DPQuantSchedule(OwnRng):
             if callable(breakdown):  # the ledger's own accountant (RDP or PRV), estimator alone
                 eps_est = breakdown().get(MECHANISM_NAME)
             if eps_est is None:
-                eps_est = estimator_epsilon(self.sigma, cfg.sample_rate, self.estimates, float(delta))
+                eps_est = estimator_epsilon(self.accounted_sigma, cfg.sample_rate, self.estimates, float(delta))
             info["estimator_epsilon"] = float(eps_est)
             info["estimator_delta"] = float(delta)
         else:
@@ -358,4 +368,8 @@ def resolve_estimator_noise(
     # noise_for_target calibrates a "DP-SGD" sequence of n steps at the estimator's sample rate: exactly the
     # estimator's own planned mechanism.
     sigma = noise_for_target(cfg.estimator_epsilon_fraction * epsilon, delta, cfg.sample_rate, n, accountant)
+    # that sigma is the accounted one; the noise std is sigma_s C with sigma_s = factor x accounted sigma
+    from dpquant_sim.schedules.estimators import get_estimator
+
+    sigma *= get_estimator(cfg.estimator).sensitivity_factor
     return cfg.model_copy(update={"noise_multiplier": float(sigma)})

@@ -304,6 +304,12 @@ class _Run:
 
         self.loss_deltas = make_loss_delta_fn(model, self.data.train, recipe=cfg.recipe, device=self.device,
                                               dp=cfg.private)
+        from dpquant_sim.training.sensitivity_training import make_training_delta_fn
+
+        # the dpquant 'training' estimator's callable: short clipped steps at the run's lr and clip, DP hooks paused
+        self.training_deltas = make_training_delta_fn(model, self.data.train, recipe=cfg.recipe, lr=cfg.lr,
+                                                      grad_clip=cfg.max_grad_norm, device=self.device,
+                                                      dp=cfg.private, paused=self.clipper.paused)
         self.epoch = 0  # next epoch to run
         self.global_step = 0
         self.rows: list[dict[str, Any]] = []
@@ -342,7 +348,8 @@ class _Run:
             epoch=self.epoch, epochs=cfg.epochs, layers=self.layers, recipe=cfg.recipe, rng=self.ctx_rng,
             private=cfg.private, ledger=self.ledger, loss_deltas=self.loss_deltas, torch_generator=self.est_gen,
             extra={"delta": cfg.delta, "sample_rate": self.q, "steps_per_epoch": self.spe,
-                   "noise_multiplier": self.sigma, "n_train": self.data.n_train},
+                   "noise_multiplier": self.sigma, "n_train": self.data.n_train,
+                   "training_deltas": self.training_deltas},
         )
         plan = self.schedule.plan(ctx)
         qnn.apply_plan(self.model, plan, dp=cfg.private)
