@@ -122,6 +122,10 @@ def register(app: typer.Typer) -> None:
                                                "FLOPs, or of layers with --budget-unit layers); for "
                                                "static-subset, random, dpquant."),
         budget_unit: Optional[str] = typer.Option(None, help="flops | layers (default flops)."),
+        estimator: Optional[str] = typer.Option(None, help="dpquant's sensitivity estimator: forward (loss deltas "
+                                                "at the current weights) | training (the paper's: after short "
+                                                "clipped steps per policy; accounted with sensitivity 2C). "
+                                                "Default forward."),
         schedule_opt: Optional[list[str]] = typer.Option(None, "--schedule-opt", help="Extra schedule field "
                                                          "KEY=VALUE (repeatable), e.g. temperature=0.5, "
                                                          "interval=2, noise_multiplier=2."),
@@ -159,6 +163,8 @@ def register(app: typer.Typer) -> None:
             sopts["budget"] = budget
         if budget_unit is not None:
             sopts["budget_unit"] = budget_unit
+        if estimator is not None:
+            sopts["estimator"] = estimator
         prune = {k: v for k, v in (("sparsity", prune_sparsity), ("method", prune_method),
                                    ("structure", prune_structure)) if v is not None}
         drop = {k: v for k, v in (("keep", drop_keep), ("method", drop_method)) if v is not None}
