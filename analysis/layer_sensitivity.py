@@ -112,20 +112,27 @@ def _estimator_sigma(cfg, estimator: str) -> tuple[float, float, float]:
     return float(sched.noise_multiplier), float(sched.sample_rate), float(sched.clip)
 
 
-def _snr_columns(d: np.ndarray, clip: float, q: float, noise: float) -> tuple[dict, float, float]:
-    n = d.shape[0]
+def _snr_columns(d: np.ndarray, clip: float, q: float, noise: float, n_train: int) -> tuple[dict, float, float]:
+    """Per-layer R, clipped R, sampling std of one estimate over a training set of ``n_train`` examples (of which
+    ``d``'s rows are all or the first few: Var = (1 - q) mean_i(dc_il^2) / (q n_train)), the SNR and the share of
+    rows clipped."""
     norms = np.linalg.norm(d, axis=1, keepdims=True)
     dc = d * np.minimum(1.0, clip / np.maximum(norms, 1e-300))
-    cols = {"R": d.mean(0), "R_clipped": dc.mean(0), "sampling_std": np.sqrt((1 - q) * (dc ** 2).sum(0) / (q * n * n))}
+    cols = {"R": d.mean(0), "R_clipped": dc.mean(0),
+            "sampling_std": np.sqrt((1 - q) * (dc ** 2).mean(0) / (q * n_train))}
     total = np.sqrt(cols["sampling_std"] ** 2 + noise ** 2)
     snr = float(cols["R_clipped"].std(ddof=1) / np.sqrt((total ** 2).mean())) if d.shape[1] > 1 else float("nan")
     return cols, snr, float((norms[:, 0] > clip).mean())
 
 
 def compare_estimators(run_dir: str | Path, recipe: str | None = None, *, iters: int = 1, lr: float | None = None,
-                       repeats: int = 5) -> tuple[pd.DataFrame, dict]:
+                       repeats: int = 5, max_examples: int | None = None) -> tuple[pd.DataFrame, dict]:
     """Forward vs training estimator on a finished run's model: per-layer table and a summary dict (SNR per
-    estimate at the same estimator epsilon, wall-clock seconds per estimate and their ratio, same process)."""
+    estimate at the same estimator epsilon, wall-clock seconds per estimate and their ratio, same process).
+
+    ``max_examples``: compute the noise-free R_l from the first M training examples only (the training
+    estimator costs (L + 1)(3 iters + 1) batch-of-one passes per example); the noise figures still refer to
+    one estimate on the whole training set (N), the timings too."""
     import time
 
     from dpquant_sim.nn.shapes import gemm_layers
@@ -138,22 +145,32 @@ def compare_estimators(run_dir: str | Path, recipe: str | None = None, *, iters:
     names = [s.name for s in gemm_layers(model, data.input_shape)]
     n = len(data.train)
     fwd = make_loss_delta_fn(model, data.train, recipe=recipe, dp=cfg.private)
+    sub = data.train
+    if max_examples is not None and max_examples < n:
+        from torch.utils.data import TensorDataset
+
+        sub = TensorDataset(*(t[:max_examples] for t in data.train.tensors))
+    fwd_sub = make_loss_delta_fn(model, sub, recipe=recipe, dp=cfg.private)
+    trn_sub = make_training_delta_fn(model, sub, recipe=recipe, lr=cfg.lr, grad_clip=cfg.max_grad_norm,
+                                     dp=cfg.private)
     trn = make_training_delta_fn(model, data.train, recipe=recipe, lr=cfg.lr, grad_clip=cfg.max_grad_norm,
                                  dp=cfg.private)
     call = {"forward": lambda q, g: fwd(names, q, g),
             "training": lambda q, g: trn(names, q, g, iters=iters, lr=lr)}
     table = pd.DataFrame({"layer": names})
-    summary: dict = {"run": str(run_dir), "recipe": str(recipe), "n_train": n, "layers": len(names),
+    summary: dict = {"run": str(run_dir), "recipe": str(recipe), "n_train": n, "n_rows": len(sub),
+                     "layers": len(names),
                      "estimator_iters": iters, "estimator_lr": cfg.lr if lr is None else lr,
                      "estimator_grad_clip": cfg.max_grad_norm, "timing_repeats": repeats}
     full = {}
+    rows = {"forward": lambda g: fwd_sub(names, 1.0, g), "training": lambda g: trn_sub(names, 1.0, g, iters=iters, lr=lr)}
     for est in ("forward", "training"):
         sigma, q, clip = _estimator_sigma(cfg, est)
-        d, _ = call[est](1.0, torch.Generator().manual_seed(0))  # the whole training set: noise-free R_l
+        d, _ = rows[est](torch.Generator().manual_seed(0))  # every example (of the first M): noise-free R_l
         d = d.double().numpy()
         full[est] = d
         noise = sigma * clip / (q * n)
-        cols, snr, clipped = _snr_columns(d, clip, q, noise)
+        cols, snr, clipped = _snr_columns(d, clip, q, noise, n)
         for k, v in cols.items():
             table[f"{est}_{k}"] = v
         times = []
@@ -216,6 +233,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--estimator-lr", type=float, default=None, help="training estimator: step size (default: "
                    "the run's lr)")
     p.add_argument("--timing-repeats", type=int, default=5, help="estimates timed per estimator (median)")
+    p.add_argument("--max-examples", type=int, default=None, help="R_l of the estimator comparison from the first M "
+                   "training examples only (default: all)")
     args = p.parse_args(argv)
     run = Path(args.run_dir)
     for f in ("config.yaml", "run_info.json", "checkpoint.pt"):
@@ -232,7 +251,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in meta.items()}))
     if args.compare_estimators:
         layers_t, summary = compare_estimators(run, args.recipe, iters=args.estimator_iters, lr=args.estimator_lr,
-                                               repeats=args.timing_repeats)
+                                               repeats=args.timing_repeats, max_examples=args.max_examples)
         atomic_write_df(out / "estimators.csv", layers_t)
         atomic_write_text(out / "estimators.json", json.dumps(summary, indent=1))
         print(estimator_markdown(summary))

@@ -76,3 +76,40 @@ def test_cli_writes_outputs_and_refuses_a_non_run(run_dir, tmp_path, capsys):
     assert '"snr"' in capsys.readouterr().out
     with pytest.raises(SystemExit, match="has no config.yaml"):
         ls.main([str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_compare_estimators_side_by_side(run_dir, tmp_path, capsys):
+    """Forward vs training: with step size 0 the training estimator's rows are the forward ones (an identity of
+    the two code paths), the forward R_l equals a direct loop, the training estimator's sigma_s (and so its DP
+    noise) is twice the forward one's at the same epsilon, the SNR follows its formula, and the time ratio is the
+    ratio of the two timings."""
+    import dpquant_sim.nn as qnn
+    from dpquant_sim.training.engine import load_run
+
+    m = 30
+    t0, s0 = ls.compare_estimators(run_dir, lr=0.0, repeats=1, max_examples=m)
+    np.testing.assert_allclose(t0["training_R"], t0["forward_R"], rtol=1e-4, atol=1e-6)
+    cfg, data, model = load_run(run_dir)
+    x, y = (t[:m] for t in data.train.tensors)
+    model.eval()
+    with torch.no_grad():
+        base = F.cross_entropy(model(x), y, reduction="none").double()
+        direct = []
+        for name in t0["layer"]:
+            qnn.apply_plan(model, {name: "fp4"})
+            direct.append((F.cross_entropy(model(x), y, reduction="none").double() - base).mean().item())
+            qnn.apply_plan(model, {name: None})
+    np.testing.assert_allclose(t0["forward_R"], direct, rtol=1e-5, atol=1e-7)
+    f, t = s0["forward"], s0["training"]
+    assert t["sigma_s"] == pytest.approx(2 * f["sigma_s"]) and t["noise_std"] == pytest.approx(2 * f["noise_std"])
+    assert f["noise_std"] == pytest.approx(f["sigma_s"] * f["clip_s"] / (f["q_s"] * s0["n_train"]))
+    total = np.sqrt(t0["forward_sampling_std"] ** 2 + f["noise_std"] ** 2)
+    assert f["snr"] == pytest.approx(t0["forward_R_clipped"].std(ddof=1) / np.sqrt((total ** 2).mean()))
+    assert s0["time_ratio_training_over_forward"] == pytest.approx(t["seconds_per_estimate"]
+                                                                   / f["seconds_per_estimate"])
+    assert "| training |" in ls.estimator_markdown(s0)
+    ls.main([str(run_dir), "--out", str(tmp_path / "c"), "--compare-estimators", "--max-examples", "10",
+             "--timing-repeats", "1"])
+    assert {"estimators.csv", "estimators.json"} <= {p.name for p in (tmp_path / "c").iterdir()}
+    assert "training / forward wall-clock" in capsys.readouterr().out
