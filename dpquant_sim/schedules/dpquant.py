@@ -16,7 +16,7 @@ schedule's sampling, at the same budget), so the first scores are measured on a 
 4. EMA: s <- ema * s + (1 - ema) * r (the first estimate initialises s).
 5. Register the mechanism: ``ctx.ledger.add_mechanism("dpquant-estimator", sigma / f, q, steps=1)``, with f the
    estimator's sensitivity factor (the clipped sum's L2 sensitivity in units of C: 1 for ``forward``, 2 for
-   ``training``); an auto sigma is calibrated for the accounted sigma / f, so f x that is the noise's.
+   ``training``). An auto sigma is calibrated so that the accounted sigma / f meets the estimator's budget.
 
 Every epoch, from the current smoothed scores s:
 
