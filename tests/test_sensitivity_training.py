@@ -335,3 +335,29 @@ def test_sweep_expands_the_estimator_as_a_schedule_field():
     pts = sc.points()
     assert sorted(p.config.schedule.estimator for p in pts) == ["forward", "training"]
     assert len({p.id for p in pts}) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("clipping", ["hooks", "bk"])
+def test_engine_step_after_an_estimate_is_bit_identical(clipping):
+    """Inside the engine (hooks: an Opacus GradSampleModule around the model; bk: recording hooks) a training
+    estimate between two DP-SGD steps leaves no trace: the next step's weights are bit-identical to a run that
+    did not estimate (weights, grad samples, rounding generators and the DP noise stream untouched)."""
+    from dpquant_sim.training.config import TrainConfig
+    from dpquant_sim.training.engine import _Run
+
+    cfg = TrainConfig.parse({"dataset": "digits", "model": "cnn", "n_train": 80, "n_test": 20, "batch_size": 20,
+                             "epochs": 1, "noise_multiplier": 1.0, "recipe": "fp4", "clipping": clipping,
+                             "schedule": {"kind": "static-all"}, "seed": 4})
+    after = []
+    for estimate in (False, True):
+        run = _Run(cfg, None)
+        run.plan_epoch()
+        run.train_step()
+        if estimate:
+            d, _ = run.training_deltas([l.name for l in run.layers], 0.5, torch.Generator().manual_seed(0), iters=2)
+            assert d.shape[0] > 0 and d.abs().max() > 0
+        run.train_step()
+        after.append([p.detach().clone() for p in run.model.parameters()])
+        run.clipper.close()
+    assert all(torch.equal(a, b) for a, b in zip(*after))
