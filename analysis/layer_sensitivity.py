@@ -151,19 +151,20 @@ def compare_estimators(run_dir: str | Path, recipe: str | None = None, *, iters:
 
         sub = TensorDataset(*(t[:max_examples] for t in data.train.tensors))
     fwd_sub = make_loss_delta_fn(model, sub, recipe=recipe, dp=cfg.private)
-    trn_sub = make_training_delta_fn(model, sub, recipe=recipe, lr=cfg.lr, grad_clip=cfg.max_grad_norm,
+    step = cfg.lr / cfg.batch_size if lr is None else float(lr)  # the engine's default: one example's share
+    trn_sub = make_training_delta_fn(model, sub, recipe=recipe, lr=step, grad_clip=cfg.max_grad_norm,
                                      dp=cfg.private)
-    trn = make_training_delta_fn(model, data.train, recipe=recipe, lr=cfg.lr, grad_clip=cfg.max_grad_norm,
+    trn = make_training_delta_fn(model, data.train, recipe=recipe, lr=step, grad_clip=cfg.max_grad_norm,
                                  dp=cfg.private)
     call = {"forward": lambda q, g: fwd(names, q, g),
-            "training": lambda q, g: trn(names, q, g, iters=iters, lr=lr)}
+            "training": lambda q, g: trn(names, q, g, iters=iters)}
     table = pd.DataFrame({"layer": names})
     summary: dict = {"run": str(run_dir), "recipe": str(recipe), "n_train": n, "n_rows": len(sub),
                      "layers": len(names),
-                     "estimator_iters": iters, "estimator_lr": cfg.lr if lr is None else lr,
+                     "estimator_iters": iters, "estimator_lr": step,
                      "estimator_grad_clip": cfg.max_grad_norm, "timing_repeats": repeats}
     full = {}
-    rows = {"forward": lambda g: fwd_sub(names, 1.0, g), "training": lambda g: trn_sub(names, 1.0, g, iters=iters, lr=lr)}
+    rows = {"forward": lambda g: fwd_sub(names, 1.0, g), "training": lambda g: trn_sub(names, 1.0, g, iters=iters)}
     for est in ("forward", "training"):
         sigma, q, clip = _estimator_sigma(cfg, est)
         d, _ = rows[est](torch.Generator().manual_seed(0))  # every example (of the first M): noise-free R_l
@@ -173,16 +174,20 @@ def compare_estimators(run_dir: str | Path, recipe: str | None = None, *, iters:
         cols, snr, clipped = _snr_columns(d, clip, q, noise, n)
         for k, v in cols.items():
             table[f"{est}_{k}"] = v
-        times = []
-        for r in range(repeats):  # one estimate's rows at the estimator's own rate (privatisation is negligible)
-            t0 = time.perf_counter()
-            call[est](q, torch.Generator().manual_seed(1000 + r))
-            times.append(time.perf_counter() - t0)
         summary[est] = {"sigma_s": sigma, "q_s": q, "clip_s": clip, "noise_std": noise,
                         "sampling_std_rms": float(np.sqrt((cols["sampling_std"] ** 2).mean())),
                         "spread_clipped_R": float(np.std(cols["R_clipped"], ddof=1)) if len(names) > 1 else 0.0,
-                        "snr": snr, "clipped_fraction": clipped, "per_example_sd": float(d.std(0, ddof=1).mean()),
-                        "seconds_per_estimate": float(np.median(times))}
+                        "snr": snr, "clipped_fraction": clipped, "per_example_sd": float(d.std(0, ddof=1).mean())}
+    # one estimate's rows at the estimator's own rate (privatisation is negligible), the two estimators
+    # interleaved so that a change in the machine's load hits both
+    times: dict = {"forward": [], "training": []}
+    for r in range(repeats):
+        for est in ("forward", "training"):
+            t0 = time.perf_counter()
+            call[est](summary[est]["q_s"], torch.Generator().manual_seed(1000 + r))
+            times[est].append(time.perf_counter() - t0)
+    for est in ("forward", "training"):
+        summary[est]["seconds_per_estimate"] = float(np.median(times[est]))
     summary["time_ratio_training_over_forward"] = (summary["training"]["seconds_per_estimate"]
                                                    / summary["forward"]["seconds_per_estimate"])
     a, b = table["forward_R_clipped"].rank(), table["training_R_clipped"].rank()
@@ -200,8 +205,11 @@ def estimator_markdown(summary: dict) -> str:
         rows.append(f"| {est} | {s['sigma_s']:.3g} | {s['noise_std']:.4f} | {s['sampling_std_rms']:.4f} | "
                     f"{s['spread_clipped_R']:.4f} | {s['snr']:.2f} | {100 * s['clipped_fraction']:.0f}% | "
                     f"{s['seconds_per_estimate']:.3f} |")
-    rows.append(f"\ntraining / forward wall-clock per estimate: {summary['time_ratio_training_over_forward']:.1f}x; "
-                f"Spearman rank correlation of clipped R_l: {summary['spearman_clipped_R']:.2f}")
+    rows.append(f"\ntraining estimator: {summary['estimator_iters']} step(s) of size {summary['estimator_lr']:.4g}, "
+                f"clip {summary['estimator_grad_clip']:g}; R_l from {summary['n_rows']} of {summary['n_train']} "
+                f"examples; training / forward wall-clock per estimate: "
+                f"{summary['time_ratio_training_over_forward']:.1f}x (median of {summary['timing_repeats']}, "
+                f"interleaved); Spearman rank correlation of clipped R_l: {summary['spearman_clipped_R']:.2f}")
     return "\n".join(rows)
 
 
@@ -231,7 +239,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                    help="also compare the forward and training estimators (SNR per estimate, wall-clock cost)")
     p.add_argument("--estimator-iters", type=int, default=1, help="training estimator: short steps per policy")
     p.add_argument("--estimator-lr", type=float, default=None, help="training estimator: step size (default: "
-                   "the run's lr)")
+                   "the run's lr / batch size, as in training)")
     p.add_argument("--timing-repeats", type=int, default=5, help="estimates timed per estimator (median)")
     p.add_argument("--max-examples", type=int, default=None, help="R_l of the estimator comparison from the first M "
                    "training examples only (default: all)")

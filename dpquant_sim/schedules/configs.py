@@ -92,7 +92,8 @@ class DPQuantConfig(_Budgeted):
     estimator_iters: int = Field(1, ge=1, description="training estimator: short SGD steps per candidate policy "
                                  "(the paper: 'a few', number not stated)")
     estimator_lr: float | None = Field(None, ge=0.0, description="training estimator: step size of the short "
-                                       "steps; None = the run's lr (the paper does not state it)")
+                                       "steps; None = the run's lr / batch_size, i.e. one example's share of a "
+                                       "DP-SGD step (the paper does not state it)")
     estimator_grad_clip: float | None = Field(None, gt=0.0, description="training estimator: per-example L2 clip "
                                               "of the short steps' gradients; None = the run's max_grad_norm")
 

@@ -306,8 +306,10 @@ class _Run:
                                               dp=cfg.private)
         from dpquant_sim.training.sensitivity_training import make_training_delta_fn
 
-        # the dpquant 'training' estimator's callable: short clipped steps at the run's lr and clip, DP hooks paused
-        self.training_deltas = make_training_delta_fn(model, self.data.train, recipe=cfg.recipe, lr=cfg.lr,
+        # the dpquant 'training' estimator's callable: short clipped steps of one example's share of a DP-SGD step
+        # (lr / expected batch size) at the run's clip, DP hooks paused
+        self.training_deltas = make_training_delta_fn(model, self.data.train, recipe=cfg.recipe,
+                                                      lr=cfg.lr / cfg.batch_size,
                                                       grad_clip=cfg.max_grad_norm, device=self.device,
                                                       dp=cfg.private, paused=self.clipper.paused)
         self.epoch = 0  # next epoch to run
