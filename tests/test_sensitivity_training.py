@@ -340,8 +340,8 @@ def test_sweep_expands_the_estimator_as_a_schedule_field():
 @pytest.mark.slow
 @pytest.mark.parametrize("clipping", ["hooks", "bk", "ghost", "mixed"])
 def test_engine_step_after_an_estimate_is_bit_identical(clipping):
-    """Inside the engine (hooks: an Opacus GradSampleModule around the model; bk, ghost, mixed: recording hooks) a training
-    estimate between two DP-SGD steps leaves no trace: the next step's weights are bit-identical to a run that
+    """Inside the engine (hooks: an Opacus GradSampleModule around the model; bk, ghost, mixed: recording hooks)
+    a training estimate between two DP-SGD steps leaves no trace: the next step's weights are bit-identical to a run that
     did not estimate (weights, grad samples, rounding generators and the DP noise stream untouched)."""
     from dpquant_sim.training.config import TrainConfig
     from dpquant_sim.training.engine import _Run
