@@ -406,3 +406,18 @@ def test_non_private_step_also_freezes_dropped_coordinates():
     for p in model.parameters():
         assert torch.equal(p.detach()[~masks[p]], before[p][~masks[p]])
         assert (p.detach()[masks[p]] != before[p][masks[p]]).any()
+
+
+def test_cost_model_shapes_of_a_channel_pruned_run_by_hand():
+    """cnn on 1x8x8: conv1 is a (M, K, N) = (64, 9, 16) GEMM with bias; keeping half its output channels makes
+    it (64, 9, 8), 8*9 + 8 = 80 parameters, half the forward FLOPs; other layers unchanged (conservative)."""
+    from dpquant_sim.cost.run import build_shapes, pruned_shapes
+
+    shapes = build_shapes("cnn", (1, 8, 8), 10)
+    got = {s.name: s for s in pruned_shapes(shapes, {"conv1": 0.5, "fc2": 1.0})}
+    c1 = got["conv1"]
+    assert c1.gemm_mnk == (64, 9, 8) and c1.params == 80 and c1.out_shape == (8, 8, 8)
+    assert c1.weight_shape == (8, 1, 3, 3) and c1.forward_flops == 2 * 64 * 9 * 8
+    for s in shapes:
+        if s.name != "conv1":
+            assert got[s.name] == s
