@@ -18,7 +18,7 @@ How one run goes:
    (hooks mode; our Q layers have registered grad samplers) for private runs. The loss is sum-reduced, so
    every per-example computation (quantizer scales included) sees d loss_i / d y_i whatever the realized
    Poisson batch size; the optimizer divides the noisy clipped sum by the *expected* batch size once.
-3. Privacy: sample rate q = batch_size / n_train, steps per epoch = round(1 / q), Poisson sampling with
+3. Privacy: sample rate q = batch_size / n_train (the private size), steps per epoch = round(1 / q), Poisson sampling with
    Opacus's ``UniformWithReplacementSampler`` rule (each example independently with probability q) from a
    seeded generator. With a target epsilon the noise multiplier is calibrated by bisection over the whole
    planned sequence: every epoch's DP-SGD steps plus the extra mechanisms the schedule declares in advance
@@ -30,8 +30,11 @@ How one run goes:
 4. Each epoch: ``schedule.plan(ctx)`` -> ``nn.apply_plan`` -> train -> evaluate (fp32 by default, or with
    the plan: ``eval_quantized``) -> append a metrics row -> write the checkpoint atomically.
    Optional pre-pruning / gradient dropping (``config.prune`` / ``config.drop``) use
-   ``dpquant_sim.schedules.prune_drop``; masks are applied before clipping and noise only goes on kept
-   coordinates (``optim.MaskedDPOptimizer``).
+   ``dpquant_sim.schedules.prune_drop``; masks are applied before clipping, noise only goes on kept
+   coordinates, and masked coordinates do not move (weights and optimizer state; ``optim.MaskedDPOptimizer``).
+   With ``public_fraction`` > 0 a seeded share of the training set is held out as a declared public split
+   before anything else reads the data (``_split_public``): n_train, q and every private mechanism use the
+   rest; only data-dependent pruning (``snip-public``) reads it; run_info.json records it.
 5. Non-private runs (``private=False``) take the same path without the GradSampleModule, clipping and noise;
    epsilon is reported as inf.
 
