@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -421,3 +422,26 @@ def test_cost_model_shapes_of_a_channel_pruned_run_by_hand():
     for s in shapes:
         if s.name != "conv1":
             assert got[s.name] == s
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+@pytest.mark.parametrize("opt", [dict(optimizer="adam", lr=0.01, weight_decay=0.01),
+                                 dict(optimizer="sgd", momentum=0.9, lr=0.2, clipping="hooks")])
+def test_engine_pruned_weights_exactly_zero_with_adam_and_momentum(tmp_path, opt):
+    """Through the engine (DP-Adam with weight decay under the default clipping; SGD momentum under hooks),
+    channel pruning + snip-public on a public split + random dropping: every pruned weight and bias is exactly
+    zero in the final checkpoint, and every kept one is not."""
+    from dpquant_sim.training.engine import load_checkpoint, train
+
+    cfg = dict(dataset="digits", model="mlp", n_train=200, n_test=50, batch_size=50, epochs=2, seed=1,
+               noise_multiplier=1.0, public_fraction=0.2, prune={"method": "snip-public", "structure": "channel",
+                                                                 "sparsity": 0.5},
+               drop={"method": "random", "keep": 0.5}, **opt)
+    train(cfg, tmp_path / "r", progress=False)
+    ck = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    for name, mask in ck["prune"]["masks"].items():
+        w = ck["model"][name]
+        assert (w[~mask] == 0).all() and (w[mask] != 0).all(), name
+    info = json.loads((tmp_path / "r" / "run_info.json").read_text())
+    assert info["n_train"] == 160 and info["public_split"]["n_public"] == 40
+    assert info["prune"]["kept_gemm_flop_share"] < 1.0

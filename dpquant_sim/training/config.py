@@ -88,9 +88,9 @@ class TrainConfig(BaseModel):
     prune: PruneConfig | None = None
     drop: DropConfig | None = None
     public_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0, validate_default=True, description="share of the training set held out (seeded by seed), declared public "
-        "and never used by DP-SGD (the private set, and so the sample rate's n_train, shrink); only data-dependent "
-        "pruning (prune.method snip-public) reads it")
+        0.0, ge=0.0, lt=1.0, validate_default=True, description="share of the training set held out (seeded by "
+        "seed), declared public and never used by DP-SGD (the private set, and so the sample rate's n_train, "
+        "shrink); only data-dependent pruning (prune.method snip-public) reads it")
     eval_quantized: bool = Field(False, description="evaluate with the epoch's plan (True) or in fp32 (False)")
     # run
     seed: int = Field(0, ge=0, description="seeds init, sampling, noise, stochastic rounding, schedule")

@@ -18,7 +18,7 @@ How one run goes:
    (hooks mode; our Q layers have registered grad samplers) for private runs. The loss is sum-reduced, so
    every per-example computation (quantizer scales included) sees d loss_i / d y_i whatever the realized
    Poisson batch size; the optimizer divides the noisy clipped sum by the *expected* batch size once.
-3. Privacy: sample rate q = batch_size / n_train (the private size), steps per epoch = round(1 / q), Poisson sampling with
+3. Privacy: sample rate q = batch_size / n_train, steps per epoch = round(1 / q), Poisson sampling with
    Opacus's ``UniformWithReplacementSampler`` rule (each example independently with probability q) from a
    seeded generator. With a target epsilon the noise multiplier is calibrated by bisection over the whole
    planned sequence: every epoch's DP-SGD steps plus the extra mechanisms the schedule declares in advance
