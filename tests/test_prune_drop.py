@@ -214,8 +214,10 @@ def test_snip_free_is_a_deprecated_alias_of_synflow_warning_once(monkeypatch):
         PruneConfig(method="snip")
 
 
-def test_cli_help_names_synflow_not_the_alias(capsys):
+def test_cli_help_names_synflow_not_the_alias(capsys, monkeypatch):
     from dpquant_sim.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")  # no line wrapping inside the names
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])

@@ -126,7 +126,9 @@ class PruneConfig(_Base):
 
 
 class DropConfig(_Base):
-    """Per-step gradient dropping: keep a share of coordinates, masks applied before clipping."""
+    """Per-step gradient dropping: keep a share of coordinates, masks applied before clipping; dropped coordinates
+    do not move that step (optimizer state included). ``magnitude`` ranks the current WEIGHTS |w| (public: the
+    initialisation or post-processing of DP releases), never the private gradients."""
 
     method: Literal["random", "magnitude"] = "random"
     keep: float = Field(0.5, gt=0.0, le=1.0, description="share of gradient coordinates kept each step")
