@@ -248,3 +248,42 @@ def test_random_hold_epochs_keeps_each_draw_and_resumes_mid_hold():
     assert all(abs(c / 3000 - 0.5) < 0.05 for c in counts.values())
     with pytest.raises(ConfigError, match="hold_epochs"):
         build_schedule({"kind": "random", "budget": 0.5, "hold_epochs": 0})
+
+
+@pytest.mark.parametrize("phase", [0, 1])
+def test_random_alternate_switches_one_fixed_set_every_epoch_and_resumes(phase):
+    """pattern='alternate': one set of share 2b (2 of 8 layers at b = 0.125), drawn once, quantized at epochs
+    with (e + phase) even and empty in between; a restored schedule keeps the set; across seeds the set is a
+    uniform random pair (each layer in it with probability 2b = 0.25)."""
+    layers = [LayerInfo(f"l{i}", 10 * (i + 1)) for i in range(8)]
+    cfg = {"kind": "random", "budget": 0.125, "budget_unit": "layers", "pattern": "alternate",
+           "alternate_phase": phase}
+    sched, rng = build_schedule(cfg), np.random.default_rng(3)
+    plans = [sched.plan(ScheduleContext(e, 10, layers, "fp4", rng)) for e in range(6)]
+    on = [(e + phase) % 2 == 0 for e in range(6)]
+    assert [p.info["on"] for p in plans] == on
+    the_set = set(plans[0 if on[0] else 1].quantized)
+    assert len(the_set) == 2
+    for e, p in enumerate(plans):
+        assert set(p.quantized) == (the_set if on[e] else set())
+        assert sum(p.probs.values()) == pytest.approx(2.0 if on[e] else 0.0)
+    # time-averaged share = budget
+    assert np.mean([len(p.quantized) / 8 for p in plans]) == pytest.approx(0.125)
+    resumed = build_schedule(cfg)
+    resumed.load_state_dict(sched.state_dict())
+    assert set(resumed.plan(ScheduleContext(6, 10, layers, "fp4", np.random.default_rng(99))).quantized) == (
+        the_set if (6 + phase) % 2 == 0 else set())
+    counts = {layer.name: 0 for layer in layers}
+    for seed in range(2000):
+        for n in build_schedule(cfg).plan(ScheduleContext(phase, 10, layers, "fp4",
+                                                          np.random.default_rng(seed))).quantized:
+            counts[n] += 1
+    # each layer in the set with probability 0.25: binomial sd sqrt(2000 * .25 * .75) = 19.4; 5 sd
+    assert all(abs(c - 500) < 5 * 19.4 for c in counts.values()), counts
+
+
+def test_random_alternate_refusals():
+    with pytest.raises(ConfigError, match="schedule.budget"):
+        build_schedule({"kind": "random", "budget": 0.6, "pattern": "alternate"})
+    with pytest.raises(ConfigError, match="hold_epochs"):
+        build_schedule({"kind": "random", "budget": 0.5, "pattern": "alternate", "hold_epochs": 2})

@@ -53,12 +53,40 @@ class RandomConfig(_Budgeted):
         1, ge=1, description="keep each drawn set for this many epochs (1: redraw every epoch); an ablation of "
         "how often layers switch precision, at the same expected share"
     )
+    pattern: Literal["redraw", "alternate"] = Field(
+        "redraw", description="redraw: a fresh draw every hold_epochs epochs; alternate: ONE uniformly random set "
+        "of share min(1, 2 x budget), drawn once, quantized every other epoch and in full precision in between "
+        "(every layer in it switches precision every epoch; same time-averaged share; needs budget <= 0.5 and "
+        "hold_epochs 1)"
+    )
+    alternate_phase: int = Field(
+        0, ge=0, le=1, description="pattern alternate: the set is quantized at epochs e with (e + phase) even "
+        "(0: epochs 0, 2, 4, ...; 1: epochs 1, 3, 5, ...)"
+    )
 
 
 class DPQuantConfig(_Budgeted):
-    """DPQuant: sampling weighted by a DP per-layer loss-sensitivity estimate, mixed with uniform."""
+    """DPQuant: layers sampled by a DP per-layer loss-sensitivity estimate.
+
+    ``sampler='paper'`` (default, the DPQuant paper): pi = softmax(-beta x EMA(R)) over layers and exactly
+    k = round(budget x n) layers drawn per epoch without replacement; the budget counts layers
+    (``budget_unit='layers'``, the default for this schedule; 'flops' is refused with this sampler).
+    ``sampler='uniform-mix-systematic'``: (1 - u) softmax(-z / tau) + u / L with normalised scores z, and
+    systematic sampling meeting an expected share (FLOPs or layers).
+    """
 
     kind: Literal["dpquant"] = "dpquant"
+    budget_unit: Literal["flops", "layers"] = "layers"
+    sampler: Literal["paper", "uniform-mix-systematic"] = Field(
+        "paper", description="paper: softmax(-beta x scores), k = round(budget x n) layers drawn without "
+        "replacement | uniform-mix-systematic: (1 - u) softmax(-z / tau) + u / L, systematic sampling to an "
+        "expected budget"
+    )
+    beta: float = Field(
+        100.0, gt=0.0, description="sampler paper: beta in softmax(-beta x scores), per unit of the scores (raw "
+        "loss deltas unless score_scale says otherwise; 100: a layer whose loss rises 0.01 more is e^1 less "
+        "likely per draw)"
+    )
     interval: int = Field(2, ge=1, description="re-estimate every R epochs")
     sample_rate: float = Field(0.05, gt=0.0, le=1.0, description="Poisson rate of the estimator's sample")
     clip: float = Field(1.0, gt=0.0, description="per-example L2 clip of the L-vector of loss deltas")
@@ -71,17 +99,19 @@ class DPQuantConfig(_Budgeted):
     estimator_epsilon_fraction: float = Field(
         0.25, gt=0.0, lt=1.0, description="auto sigma_s: epsilon of the estimator ALONE / target epsilon"
     )
-    temperature: float = Field(1.0, gt=0.0, description="tau in softmax(-s/tau)")
-    uniform_mix: float = Field(0.2, ge=0.0, le=1.0, description="weight u of the uniform distribution")
+    temperature: float = Field(1.0, gt=0.0, description="sampler uniform-mix-systematic: tau in softmax(-s/tau)")
+    uniform_mix: float = Field(
+        0.2, ge=0.0, le=1.0, description="sampler uniform-mix-systematic: weight u of the uniform distribution")
     ema: float = Field(0.5, ge=0.0, lt=1.0, description="EMA factor for the smoothed scores (0 = no memory)")
     warmup_epochs: int = Field(
         0, ge=0, description="epochs of uniform rotation before the first estimate, so that the first scores come "
         "from a partly trained model rather than the initialisation (no privacy cost: nothing is estimated)",
     )
-    score_scale: Literal["std", "shrink", "clip", "none"] = Field(
-        "std", description="divide centred scores by max(std across layers, noise std) | the same after "
+    score_scale: Literal["std", "shrink", "clip", "none"] | None = Field(
+        None, description="divide centred scores by max(std across layers, noise std) | the same after "
         "shrinking them toward their mean by (1 - noise var / var across layers)+, noise = DP + sampling (a public "
-        "bound) | clip | 1 before softmax"
+        "bound) | clip | 1 before softmax. None: the sampler's default, 'none' (raw loss deltas, as in the "
+        "paper) for sampler paper, 'std' for uniform-mix-systematic"
     )
 
 
