@@ -165,11 +165,14 @@ def _schedules():
     return {
         "random": {"kind": "random", "budget": 0.5},
         # strongly prioritised dpquant: layer d (most FLOPs) is "fragile"
-        "dpquant": {"kind": "dpquant", "budget": 0.5, "uniform_mix": 0.2, "temperature": 0.5},
+        "dpquant": {"kind": "dpquant", "sampler": "uniform-mix-systematic", "budget": 0.5, "budget_unit": "flops",
+                    "uniform_mix": 0.2, "temperature": 0.5},
+        # the paper's sampler at its defaults: k = 2 of 4 layers, beta 100 on raw deltas (d is e^-87 as likely)
+        "dpquant-paper": {"kind": "dpquant", "budget": 0.5},
     }
 
 
-@pytest.mark.parametrize("kind", ["random", "dpquant"])
+@pytest.mark.parametrize("kind", ["random", "dpquant"])  # not the paper sampler: it has no uniform floor
 def test_rotation_reaches_every_layer(kind):
     sched = build_schedule(_schedules()[kind])
     rng = np.random.default_rng(7)
@@ -198,7 +201,7 @@ def test_expected_share_is_budget_for_every_schedule(kind):
     assert plan.quantized_flop_share == pytest.approx(sum(w[["abcd".index(n) for n in plan.quantized]]) / w.sum())
 
 
-@pytest.mark.parametrize("kind", ["random", "dpquant"])
+@pytest.mark.parametrize("kind", ["random", "dpquant", "dpquant-paper"])
 def test_seeded_determinism_and_resume(kind):
     extra = dict(private=False, loss_deltas=_fixed_deltas([0.01, 0.02, 0.03, 0.9]))
 
