@@ -290,3 +290,59 @@ def test_random_alternate_refusals():
         build_schedule({"kind": "random", "budget": 0.6, "pattern": "alternate"})
     with pytest.raises(ConfigError, match="hold_epochs"):
         build_schedule({"kind": "random", "budget": 0.5, "pattern": "alternate", "hold_epochs": 2})
+
+
+def test_static_random_subset_is_uniform_fixed_and_seeded():
+    """select='random', layers unit: round(0.5 x 5) = 3 layers (halves up), the same set every epoch; over
+    4000 subset seeds each of the C(5, 3) = 10 sets appears with frequency 1/10 (binomial, 5 sd)."""
+    layers = [LayerInfo(f"l{i}", 10 * (i + 1)) for i in range(5)]
+    cfg = {"kind": "static-subset", "select": "random", "budget": 0.5, "budget_unit": "layers"}
+    sched, rng = build_schedule({**cfg, "subset_seed": 11}), np.random.default_rng(0)
+    plans = [sched.plan(ScheduleContext(e, 5, layers, "fp4", rng)) for e in range(5)]
+    assert len({frozenset(p.quantized) for p in plans}) == 1 and len(plans[0].quantized) == 3
+    # subset_seed fixes the set whatever the run's RNG; None derives it from the run's RNG
+    other = build_schedule({**cfg, "subset_seed": 11}).plan(ScheduleContext(0, 5, layers, "fp4",
+                                                                           np.random.default_rng(99)))
+    assert other.quantized == plans[0].quantized
+    derived = {frozenset(build_schedule(cfg).plan(ScheduleContext(0, 5, layers, "fp4",
+                                                                  np.random.default_rng(s))).quantized)
+               for s in range(30)}
+    assert len(derived) > 1
+    # resume: the restored schedule returns the drawn set even under another RNG
+    r = build_schedule(cfg)
+    first = r.plan(ScheduleContext(0, 5, layers, "fp4", np.random.default_rng(4))).quantized
+    r2 = build_schedule(cfg)
+    r2.load_state_dict(r.state_dict())
+    assert r2.plan(ScheduleContext(1, 5, layers, "fp4", np.random.default_rng(5))).quantized == first
+    counts: dict = {}
+    for s in range(4000):
+        q = frozenset(build_schedule({**cfg, "subset_seed": s}).plan(
+            ScheduleContext(0, 5, layers, "fp4", np.random.default_rng(0))).quantized)
+        counts[q] = counts.get(q, 0) + 1
+    assert len(counts) == math.comb(5, 3)
+    sd = math.sqrt(4000 * 0.1 * 0.9)
+    assert all(abs(c - 400) < 5 * sd for c in counts.values()), counts
+
+
+def test_static_random_subset_flops_unit_matches_enumerated_orderings():
+    """FLOPs unit: the prefix, in a uniformly random order, whose share is nearest the budget. Reference: every
+    one of the 4! orders, its nearest prefix by hand (ties to the larger), each order with probability 1/24."""
+    import itertools
+
+    w = np.array(FLOPS, float)
+    ref: dict = {}
+    for order in itertools.permutations(range(4)):
+        shares = np.cumsum(w[list(order)]) / w.sum()
+        gaps = np.abs(shares - 0.5)
+        k = max(i for i in range(4) if gaps[i] <= gaps.min() + 1e-12) + 1
+        key = frozenset("abcd"[i] for i in order[:k])
+        ref[key] = ref.get(key, 0) + 1 / 24
+    cfg = {"kind": "static-subset", "select": "random", "budget": 0.5, "budget_unit": "flops"}
+    counts: dict = {}
+    n = 4000
+    for s in range(n):
+        q = frozenset(build_schedule({**cfg, "subset_seed": s}).plan(ctx()).quantized)
+        counts[q] = counts.get(q, 0) + 1
+    assert set(counts) == set(ref)
+    for key, p in ref.items():
+        assert abs(counts[key] / n - p) < 5 * math.sqrt(p * (1 - p) / n), (key, p, counts[key] / n)

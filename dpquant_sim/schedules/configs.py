@@ -38,11 +38,16 @@ class StaticAllConfig(_Base):
 
 
 class StaticSubsetConfig(_Budgeted):
-    """A fixed set of layers, chosen once: first/last/largest-FLOP layers meeting the budget, or named."""
+    """A fixed set of layers, chosen once: first/last/largest-FLOP layers meeting the budget, a uniformly random
+    set meeting it (``select='random'``, the DPQuant paper's static baseline), or named."""
 
     kind: Literal["static-subset"] = "static-subset"
-    select: Literal["first", "last", "largest", "named"] = "first"
+    select: Literal["first", "last", "largest", "random", "named"] = "first"
     layers: tuple[str, ...] = ()
+    subset_seed: int | None = Field(
+        None, ge=0, description="select random: seed of the subset (None: derived from the run seed, so each "
+        "training seed gets its own subset; set it to hold one subset fixed across training seeds)"
+    )
 
 
 class RandomConfig(_Budgeted):
