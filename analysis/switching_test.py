@@ -15,7 +15,7 @@ two-sided permutation test of the difference of means (``--permutations`` random
 p = (1 + #|diff*| >= |diff|) / (1 + permutations)), with Holm's correction over the pairs reported. Only the switching arms (hold, redraw, alternate) are
 compared (3 comparisons); context arms (fp32, static-all) are only tabulated.
 
-    python analysis/switching_test.py runs/switching_cpu [--out runs/switching_cpu/switching.md]
+    python analysis/switching_test.py runs/switching_cpu runs/switching_cpu_context [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -143,18 +143,18 @@ def to_markdown(arms: pd.DataFrame, pairs: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("sweep_dir", type=Path)
+    p.add_argument("sweep_dirs", type=Path, nargs="+", help="finished sweep folders (e.g. arms + context arms)")
     p.add_argument("--permutations", type=int, default=20000)
     p.add_argument("--out", type=Path, default=None, help="write the markdown here (default SWEEP_DIR/switching.md)")
     args = p.parse_args(argv)
-    runs = load_runs(args.sweep_dir)
+    runs = pd.concat([load_runs(d) for d in args.sweep_dirs], ignore_index=True)
     if runs.empty:
-        raise SystemExit(f"switching_test: no complete runs under {args.sweep_dir / 'runs'}")
+        raise SystemExit(f"switching_test: no complete runs under {[str(d / 'runs') for d in args.sweep_dirs]}")
     arms, pairs = analyse(runs, args.permutations)
     md = to_markdown(arms, pairs)
-    out = args.out or args.sweep_dir / "switching.md"
+    out = args.out or args.sweep_dirs[0] / "switching.md"
     out.write_text(md)
-    runs.to_csv(args.sweep_dir / "switching_runs.csv", index=False)
+    runs.to_csv(out.with_name("switching_runs.csv"), index=False)
     print(md)
     return md
 
