@@ -2,7 +2,8 @@
 
 Budget semantics are shared by every schedule: ``budget`` is the expected share (0..1] of quantizable GEMM
 FLOPs (``budget_unit='flops'``) or of quantizable layers (``budget_unit='layers'``) that runs quantized in an
-epoch, so equal budgets mean equal expected quantized compute.
+epoch, so equal budgets mean equal expected quantized compute. ``budget_unit`` defaults to 'flops', except for
+dpquant, whose default (paper) sampler draws round(budget x n) layers and so defaults to 'layers'.
 
 >>> from pydantic import TypeAdapter
 >>> TypeAdapter(ScheduleConfig).validate_python({"kind": "random", "budget": 0.5}).budget
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class _Base(BaseModel):
@@ -83,7 +84,7 @@ class DPQuantConfig(_Budgeted):
     kind: Literal["dpquant"] = "dpquant"
     budget_unit: Literal["flops", "layers"] = "layers"
     sampler: Literal["paper", "uniform-mix-systematic"] = Field(
-        "paper", description="paper: softmax(-beta x scores), k = round(budget x n) layers drawn without "
+        "paper", validate_default=True, description="paper: softmax(-beta x scores), k = round(budget x n) layers drawn without "
         "replacement | uniform-mix-systematic: (1 - u) softmax(-z / tau) + u / L, systematic sampling to an "
         "expected budget"
     )
@@ -118,6 +119,27 @@ class DPQuantConfig(_Budgeted):
         "bound) | clip | 1 before softmax. None: the sampler's default, 'none' (raw loss deltas, as in the "
         "paper) for sampler paper, 'std' for uniform-mix-systematic"
     )
+
+
+    @field_validator("sampler")
+    @classmethod
+    def _paper_counts_layers(cls, v: str, info: ValidationInfo) -> str:
+        if v == "paper" and info.data.get("budget_unit") == "flops":
+            raise ValueError("sampler 'uniform-mix-systematic' with budget_unit 'flops' (sampler 'paper' draws "
+                             "k = round(budget x n) layers: use budget_unit 'layers')")
+        return v
+
+    @field_validator("beta", "temperature", "uniform_mix")
+    @classmethod
+    def _field_of_the_sampler(cls, v: float, info: ValidationInfo) -> float:
+        """A field that only the other sampler reads must stay at its default (it would be silently ignored)."""
+        sampler = info.data.get("sampler")
+        own = {"beta": "paper", "temperature": "uniform-mix-systematic", "uniform_mix": "uniform-mix-systematic"}
+        default = cls.model_fields[info.field_name].default
+        if sampler is not None and sampler != own[info.field_name] and v != default:
+            raise ValueError(f"its default {default} with sampler {sampler!r} ({info.field_name} is read only by "
+                             f"sampler {own[info.field_name]!r})")
+        return v
 
 
 ScheduleConfig = Annotated[
