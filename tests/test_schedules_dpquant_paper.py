@@ -190,3 +190,29 @@ def test_refusals_name_the_field():
         build_schedule({"kind": "dpquant", "sampler": "uniform-mix-systematic", "beta": 5.0})
     # the earlier sampler keeps a FLOP budget
     build_schedule({"kind": "dpquant", "sampler": "uniform-mix-systematic", "budget_unit": "flops"})
+
+
+@pytest.mark.slow
+def test_training_run_quantizes_exactly_k_layers_and_logs_pi_and_estimator_epsilon(tmp_path):
+    """The issue's acceptance run, shortened to 2 epochs: round(0.5 x 5) = 3 of the CNN's 5 layers every
+    epoch; metrics.csv's plans hold pi (a softmax: positive, sums to 1), the exact inclusion probabilities
+    (sum 3) and the estimator's epsilon (> 0, equal to the metrics column)."""
+    import json
+
+    import pandas as pd
+
+    from dpquant_sim.training.engine import train
+
+    out = tmp_path / "run"
+    train({"dataset": "digits", "model": "cnn", "epochs": 2, "epsilon": 8.0, "delta": 1e-5, "recipe": "fp4",
+           "schedule": {"kind": "dpquant", "budget": 0.5}, "threads": 1}, out, progress=False)
+    m = pd.read_csv(out / "metrics.csv")
+    assert len(m) == 2
+    for _, row in m.iterrows():
+        plan = json.loads(row["plan"])
+        info = plan["info"]
+        assert len(plan["quantized"]) == 3 == info["k"] and info["sampler"] == "paper"
+        pi = np.array(list(info["pi_softmax"].values()))
+        assert len(pi) == 5 and np.all(pi > 0) and pi.sum() == pytest.approx(1.0)
+        assert sum(plan["probs"].values()) == pytest.approx(3.0, abs=1e-9)
+        assert info["estimator_epsilon"] > 0 and row["estimator_epsilon"] == pytest.approx(info["estimator_epsilon"])
