@@ -97,9 +97,12 @@ def train_config(args, dataset: str, model: str, recipe: str, kind: str, seed: i
     """The validated TrainConfig of one run (raises ConfigError naming the bad field)."""
     from dpquant_sim.training import config
 
+    sched = schedule_cfg(kind, args.budget, args.select)
+    unit = getattr(args, "budget_unit", None)
+    if unit and "budget" in sched and "budget_unit" not in sched:  # a token's own budget_unit wins
+        sched["budget_unit"] = unit
     data = dict(dataset=dataset, model=model, epochs=args.epochs, epsilon=args.epsilon, recipe=recipe,
-                batch_size=args.batch_size, lr=args.lr, seed=seed, threads=args.threads,
-                schedule=schedule_cfg(kind, args.budget, args.select))
+                batch_size=args.batch_size, lr=args.lr, seed=seed, threads=args.threads, schedule=sched)
     if dataset == "synthetic":
         data.update(n_train=args.synthetic_n, n_test=512,
                     synthetic={"channels": 3, "image_size": args.synthetic_size, "num_classes": 10,
@@ -221,6 +224,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--epsilon", type=float, default=8.0)
     p.add_argument("--budget", type=float, default=0.7)
     p.add_argument("--select", default="first", help="static-subset selection: first|last|largest")
+    p.add_argument("--budget-unit", default=None, choices=["layers", "flops"],
+                   help="budget unit of every budgeted schedule (default: each schedule's own, flops for "
+                        "static-subset and random, layers for dpquant; set it to compare at equal units)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2.0)
     p.add_argument("--synthetic-n", type=int, default=1024)

@@ -113,3 +113,19 @@ def test_random_subsets_are_one_row_with_mean_and_std_over_subsets_and_seeds(tmp
     md = (tmp_path / "table.md").read_text()
     assert f"| static-subset:random x3 | {100 * mean:.1f} +- {100 * std:.1f} |" in md
     assert "| static-subset | 50.0 +- 0.0 |" in md
+
+
+def test_budget_unit_applies_to_every_budgeted_schedule_unless_a_token_sets_it():
+    import argparse
+
+    args = argparse.Namespace(epochs=1, epsilon=8.0, batch_size=64, lr=1.0, threads=1, budget=0.5, select="first",
+                              budget_unit="layers")
+    units = {k: cs.train_config(args, "digits", "cnn", "fp4", k, 0).schedule.budget_unit
+             for k in ("random", "static-subset", "dpquant")}
+    assert units == {"random": "layers", "static-subset": "layers", "dpquant": "layers"}
+    assert cs.train_config(args, "digits", "cnn", "fp4", "fp32", 0).schedule.kind == "fp32"
+    tok = "dpquant:sampler=uniform-mix-systematic:budget_unit=flops"
+    assert cs.train_config(args, "digits", "cnn", "fp4", tok, 0).schedule.budget_unit == "flops"
+    args.budget_unit = None  # each schedule's default
+    assert cs.train_config(args, "digits", "cnn", "fp4", "random", 0).schedule.budget_unit == "flops"
+    assert cs.train_config(args, "digits", "cnn", "fp4", "dpquant", 0).schedule.budget_unit == "layers"
