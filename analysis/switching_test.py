@@ -12,8 +12,9 @@ each run into an arm by its schedule:
 For each arm: final test accuracy mean +- sample std over seeds, and the mean number of layers switching
 precision per epoch (from the plans). For each pair of arms: difference of means, Welch's t-test, and a
 two-sided permutation test of the difference of means (``--permutations`` random relabellings, fixed seed;
-p = (1 + #|diff*| >= |diff|) / (1 + permutations)), with Holm's correction over the pairs reported. Only the switching arms (hold, redraw, alternate) are
-compared (3 comparisons); context arms (fp32, static-all) are only tabulated.
+p = (1 + #|diff*| >= |diff|) / (1 + permutations)), with Holm's correction over the pairs reported. Only the
+switching arms (hold, redraw, alternate) are compared (3 comparisons); context arms (fp32, static-all) are
+only tabulated.
 
     python analysis/switching_test.py runs/switching_cpu runs/switching_cpu_context [--out FILE.md]
 """

@@ -165,7 +165,8 @@ def test_shrink_scale_matches_hand_computed_james_stein_weights(sigma, fragile):
     bound on one estimate's noise: DP (sigma C / n_exp)^2 plus Poisson sampling (1 - q) C^2 / (n_exp L)."""
     d = np.full((20, 4), 0.1)
     d[:, 1] += fragile
-    sched = build_schedule({"kind": "dpquant", "sampler": MIX, "noise_multiplier": sigma, "clip": 1.0, "score_scale": "shrink",
+    sched = build_schedule({"kind": "dpquant", "sampler": MIX, "noise_multiplier": sigma, "clip": 1.0,
+                            "score_scale": "shrink",
                             "temperature": 0.7, "uniform_mix": 0.1, "sample_rate": 0.05})
     for seed in range(5):
         sched = build_schedule(sched.cfg.model_dump())
@@ -191,7 +192,8 @@ def test_shrink_noise_bound_follows_the_ema_and_is_sampling_only_without_dp():
     """After n estimates the smoothed score's noise variance is w2 v with w2 = a^(2(n-1)) + sum_j (1-a)^2 a^(2j)
     (EMA weights a^(n-1), (1-a) a^j): for a = 0.5, 1, 0.5, 0.375, 0.34375. Non-private: only the sampling term."""
     d = np.array([[0.0, 0.4, 0.1, 0.2]] * 8)
-    sched = build_schedule({"kind": "dpquant", "sampler": MIX, "score_scale": "shrink", "noise_multiplier": 2.0, "clip": 0.5,
+    sched = build_schedule({"kind": "dpquant", "sampler": MIX, "score_scale": "shrink", "noise_multiplier": 2.0,
+                            "clip": 0.5,
                             "sample_rate": 0.1, "interval": 1, "ema": 0.5})
     led, rng = SpyLedger(), np.random.default_rng(0)
     v1 = (2.0 * 0.5 / 8) ** 2 + 0.9 * 0.25 / (8 * 4)

@@ -84,9 +84,9 @@ class DPQuantConfig(_Budgeted):
     kind: Literal["dpquant"] = "dpquant"
     budget_unit: Literal["flops", "layers"] = "layers"
     sampler: Literal["paper", "uniform-mix-systematic"] = Field(
-        "paper", validate_default=True, description="paper: softmax(-beta x scores), k = round(budget x n) layers drawn without "
-        "replacement | uniform-mix-systematic: (1 - u) softmax(-z / tau) + u / L, systematic sampling to an "
-        "expected budget"
+        "paper", validate_default=True,
+        description="paper: softmax(-beta x scores), k = round(budget x n) layers drawn without replacement | "
+        "uniform-mix-systematic: (1 - u) softmax(-z / tau) + u / L, systematic sampling to an expected budget"
     )
     beta: float = Field(
         100.0, gt=0.0, description="sampler paper: beta in softmax(-beta x scores), per unit of the scores (raw "
