@@ -142,8 +142,8 @@ def score_scale_mode(cfg: DPQuantConfig) -> str:
     return "none" if cfg.sampler == "paper" else "std"
 
 
-_MIX_ONLY = {"temperature": 1.0, "uniform_mix": 0.2}
-_PAPER_ONLY = {"beta": 100.0}
+_MIX_ONLY = {f: DPQuantConfig.model_fields[f].default for f in ("temperature", "uniform_mix")}
+_PAPER_ONLY = {f: DPQuantConfig.model_fields[f].default for f in ("beta",)}
 
 
 def check_sampler_fields(cfg: DPQuantConfig) -> None:
