@@ -125,9 +125,10 @@ def register(app: typer.Typer) -> None:
         budget: Optional[float] = typer.Option(None, help="Expected quantized share per epoch in (0, 1] (of GEMM "
                                                "FLOPs, or of layers with --budget-unit layers); for "
                                                "static-subset, random, dpquant."),
-        budget_unit: Optional[str] = typer.Option(None, help="flops | layers (default flops)."),
+        budget_unit: Optional[str] = typer.Option(None, help="flops | layers (default flops; layers for dpquant, "
+                                                  "whose paper sampler draws round(budget x n) layers)."),
         schedule_opt: Optional[list[str]] = typer.Option(None, "--schedule-opt", help="Extra schedule field "
-                                                         "KEY=VALUE (repeatable), e.g. temperature=0.5, "
+                                                         "KEY=VALUE (repeatable), e.g. beta=50, "
                                                          "interval=2, noise_multiplier=2."),
         prune_sparsity: Optional[float] = typer.Option(None, help="Pre-prune this share of weights, [0, 1)."),
         prune_method: Optional[str] = typer.Option(None, help="random | magnitude | synflow (data-free) | "

@@ -15,7 +15,7 @@ YAML layout (every key optional except ``grid`` entries must be lists)::
         - {kind: fp32}
         - {kind: static-all}
         - {kind: random}
-        - {kind: dpquant, temperature: [0.5, 1.0]}
+        - {kind: dpquant, beta: [50, 100]}
       budget: [0.5, 0.75]      # applies to schedules that have a budget (random, dpquant, static-subset)
       recipe: [fp8, fp4]       # any other TrainConfig field: model, dataset, seed, epsilon, noise_multiplier...
       seed: [0, 1, 2]
