@@ -88,6 +88,8 @@ class TrainConfig(BaseModel):
     prune: PruneConfig | None = None
     drop: DropConfig | None = None
     eval_quantized: bool = Field(False, description="evaluate with the epoch's plan (True) or in fp32 (False)")
+    preset: Literal["paper"] | None = Field(
+        None, description="fill unset fields from a seed paper's method (dpquant_sim.presets, docs/fidelity.md)")
     # run
     seed: int = Field(0, ge=0, description="seeds init, sampling, noise, stochastic rounding, schedule")
     eval_batch_size: int = Field(1024, ge=1)
@@ -97,6 +99,10 @@ class TrainConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _default_epsilon(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            from dpquant_sim.presets import apply_preset
+
+            data = apply_preset(data)  # first: a preset only fills fields the user left unset
         if isinstance(data, Mapping) and data.get("private", True):
             if data.get("epsilon") is None and data.get("noise_multiplier") is None:
                 data = {**data, "epsilon": DEFAULT_EPSILON}
