@@ -69,7 +69,7 @@ TRAIN_FIELD_FLAGS: dict[str, str] = {
 _FLAG_FIELDS = ("dataset", "data_dir", "n_train", "n_test", "model", "epochs", "batch_size", "physical_batch_size",
                 "lr", "optimizer", "momentum", "weight_decay", "epsilon", "noise_multiplier", "delta",
                 "max_grad_norm", "accountant", "clipping", "secure_noise", "release_train_loss", "recipe", "seed",
-                "data_seed", "threads", "device")
+                "data_seed", "threads", "device", "preset")
 
 
 def train_flag_names():
