@@ -6,7 +6,7 @@ noise_multiplier, quantized_layers, ...), and the cost model's columns for that 
 (``dpquant_sim.cost.run.cost_run``; a cost column whose name clashes with a metrics column gets the suffix
 ``_cost``). Written atomically as ``results.csv`` and ``results.parquet``.
 
-Each epoch's plan (the run's plans.jsonl) is the in-memory table's ``plan`` column (JSON); on disk it goes to
+Each epoch's plan (the run's plans.jsonl) is the in-memory table's last column, ``plan`` (JSON); on disk it goes to
 ``results.plans.jsonl`` beside the table (one line per run and epoch: ``point_id``, then the EpochPlan's
 fields), never into a CSV cell; ``load_table`` joins it back.
 
@@ -209,6 +209,8 @@ def collect_sweep(
         table["_o"] = table["point_id"].map(order)
         sort_cols = ["_o", "epoch"] + (["accelerator"] if "accelerator" in table.columns else [])
         table = table.sort_values(sort_cols, kind="stable").drop(columns="_o").reset_index(drop=True)
+    if "plan" in table.columns:  # last, as load_table joins it back from results.plans.jsonl
+        table = table[[c for c in table.columns if c != "plan"] + ["plan"]]
     if write:
         write_table(table, out_dir / TABLE_CSV)
     return table

@@ -641,6 +641,8 @@ def train(config: TrainConfig | Mapping[str, Any], out_dir: str | Path, *, progr
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.parse(config)
     out = Path(out_dir)
+    if tensorboard:
+        _summary_writer_class()  # a missing package fails before anything is written
     if (out / "summary.json").is_file():  # a finished run is only read (no lock: read-only folders work)
         prev, _ = _check_resume(out, cfg)
         if prev is not None:
@@ -650,15 +652,20 @@ def train(config: TrainConfig | Mapping[str, Any], out_dir: str | Path, *, progr
         return _train_locked(cfg, out, progress=progress, stop_after=stop_after, tensorboard=tensorboard)
 
 
-def _tensorboard_writer(out: Path, first_epoch: int):
-    """A torch SummaryWriter on ``out/tensorboard`` that drops events a killed earlier process logged for epochs
-    from ``first_epoch`` on (they are logged again). ConfigError when the tensorboard package is missing."""
+def _summary_writer_class():
+    """torch's SummaryWriter; ConfigError when the tensorboard package is missing."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ConfigError("tensorboard", True, "the tensorboard package installed (pip install "
                           "'dpquant-sim[tensorboard]'), or no --tensorboard") from None
-    return SummaryWriter(str(out / "tensorboard"), purge_step=first_epoch if first_epoch > 0 else None)
+    return SummaryWriter
+
+
+def _tensorboard_writer(out: Path, first_epoch: int):
+    """A SummaryWriter on ``out/tensorboard`` that drops events a killed earlier process logged for epochs from
+    ``first_epoch`` on (they are logged again)."""
+    return _summary_writer_class()(str(out / "tensorboard"), purge_step=first_epoch if first_epoch > 0 else None)
 
 
 def _log_tensorboard(writer, row: Mapping[str, Any]) -> None:
