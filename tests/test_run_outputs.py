@@ -115,7 +115,7 @@ def test_train_json_is_one_document_and_progress_lines_go_to_stderr(tmp_path, ca
                                 "--recipe", "fp8", "--noise-multiplier", "1", "--epsilon", "50", "--out", str(out),
                                 "--json")
     assert code == 0, stderr
-    doc = json.loads(stdout)  # the whole of stdout is one JSON document
+    doc = _strict(stdout)  # the whole of stdout is one JSON document
     assert doc["summary"] == json.loads((out / "summary.json").read_text())
     m = pd.read_csv(out / "metrics.csv")
     assert [r["test_acc"] for r in doc["metrics"]] == m["test_acc"].tolist()
@@ -135,6 +135,26 @@ def test_quiet_prints_no_progress(tmp_path, capsys):
     code, stdout, stderr = _cli(capsys, "train", "--model", "mlp", "--n-train", "200", "--n-test", "100",
                                 "--batch-size", "50", "--epochs", "1", "--out", str(tmp_path / "r"), "--quiet")
     assert code == 0 and stderr.strip() == "" and "test_acc=" in stdout
+
+
+def _strict(text: str):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_is_strict_non_finite_numbers_are_null(tmp_path, capsys):
+    """A non-private run's epsilon is inf: written as null, never as the non-JSON token Infinity."""
+    code, stdout, stderr = _cli(capsys, "train", "--model", "mlp", "--n-train", "200", "--n-test", "100",
+                                "--batch-size", "50", "--epochs", "1", "--non-private", "--out", str(tmp_path / "r"),
+                                "--json", "--quiet")
+    assert code == 0, stderr
+    doc = _strict(stdout)
+    assert doc["summary"]["epsilon"] is None and doc["metrics"][0]["epsilon"] is None
+    assert doc["summary"]["train_loss"] == pytest.approx(doc["metrics"][0]["train_loss"])  # released: non-private
+    code, stdout, _ = _cli(capsys, "hw", "list", "--json")
+    assert any(p["tdp_w"] is None or p["price_per_hour"] is None for p in _strict(stdout)["profiles"])
 
 
 def test_sweep_json(tmp_path, capsys):

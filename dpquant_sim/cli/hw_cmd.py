@@ -59,9 +59,9 @@ def hw_list(
 
     profs = load_profiles(hw_dir or ())
     if as_json:
-        import json
+        from dpquant_sim.cli.output import json_document
 
-        typer.echo(json.dumps({"profiles": [hw_list_row(p) for p in profs.values()]}, indent=2))
+        typer.echo(json_document({"profiles": [hw_list_row(p) for p in profs.values()]}))
         return
     t = Table(title="accelerator profiles (dense peaks, TFLOP/s or TOP/s; '-> x': runs as x)")
     for col in ("name", "vendor", "fp32", "bf16", "fp8", "fp6", "fp4", "int8", "BW TB/s", "mem GB", "TDP W", "$/h",

@@ -7,12 +7,12 @@ line per finished point.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from dpquant_sim.cli.output import json_document
 from dpquant_sim.errors import ConfigError
 
 
@@ -41,9 +41,9 @@ def sweep(
     if dry_run:
         pts = cfg.points()
         if as_json:
-            typer.echo(json.dumps({"points": [{"id": p.id, "state": "done" if is_done(out / "runs" / p.id) else "todo",
-                                               "label": p.label} for p in pts],
-                                   "accelerators": list(cfg.profile_names())}, indent=2))
+            points = [{"id": p.id, "state": "done" if is_done(out / "runs" / p.id) else "todo", "label": p.label}
+                      for p in pts]
+            typer.echo(json_document({"points": points, "accelerators": list(cfg.profile_names())}))
             return
         for p in pts:
             state = "done" if is_done(out / "runs" / p.id) else "todo"
@@ -60,14 +60,14 @@ def sweep(
     if as_json:
         from dpquant_sim.sweep.collect import TABLE_CSV, TABLE_PARQUET, plans_path
 
-        typer.echo(json.dumps({
+        typer.echo(json_document({
             "out": str(out), "points": len(res.points), "finished": list(res.finished), "skipped": list(res.skipped),
             "failed": {pid: str(out / "runs" / pid / "error.txt") for pid in res.failed},
             "table": None if res.table is None else {
                 "csv": str(out / TABLE_CSV), "parquet": str(out / TABLE_PARQUET),
                 "plans": str(plans_path(out / TABLE_CSV)), "rows": len(res.table)},
             "report": None if report_path is None else str(report_path),
-        }, indent=2))
+        }))
     else:
         _print_summary(res, out, report_path)
     if res.failed:

@@ -257,9 +257,9 @@ def register(app: typer.Typer) -> None:
             raise names.rename(e) from None
         s = res.summary
         if as_json:
-            import json
+            from dpquant_sim.cli.output import json_document
 
-            typer.echo(json.dumps(train_json(res), indent=2, default=str))
+            typer.echo(json_document(train_json(res)))
             return
         eps = "inf (non-private)" if not cfg.private else f"{s['epsilon']:.3f} at delta={cfg.delta:g} ({cfg.accountant})"
         msg = (f"{out}: {s['epochs_completed']}/{cfg.epochs} epochs, test_acc={s['test_acc']:.4f}, epsilon={eps}, "
