@@ -184,8 +184,10 @@ def cost(
         df = cost_run(run, profs, base=base, hw_dirs=hw_dir or (), devices=devs, allreduce=allreduce,
                       clipping=_parse_clipping(clipping) if clipping else None)
         if as_json:
-            typer.echo(json.dumps({"run": str(run), "plans": [pl.to_dict() for pl in run_plans(run)],
-                                   "results": json.loads(df.to_json(orient="records"))}, indent=2, default=str))
+            from dpquant_sim.cli.output import json_document
+
+            typer.echo(json_document({"run": str(run), "plans": [pl.to_dict() for pl in run_plans(run)],
+                                      "results": json.loads(df.to_json(orient="records"))}))
         else:
             _table(df, ["epoch", "hw", "devices", "clipping_costed", "steps", "quantized_flop_share",
                         "time_theoretical_s",
@@ -225,8 +227,10 @@ def cost(
                   "format": r["format"] if schedule != "fp32" else "-"})
     skipped = [f"{p.name} x{d}" for p in profs for d in devs if d > p.max_devices]
     if as_json:
-        typer.echo(json.dumps({"plans": {f: pl.to_dict() for f, pl in plans.items()}, "results": rows,
-                               "skipped": skipped}, indent=2, default=str))
+        from dpquant_sim.cli.output import json_document
+
+        typer.echo(json_document({"plans": {f: pl.to_dict() for f, pl in plans.items()}, "results": rows,
+                                  "skipped": skipped}))
         return
     import pandas as pd
 
