@@ -255,3 +255,27 @@ def test_demo_table_fits_80_columns(monkeypatch):
             assert v in r.output, v
     for a in demo_cmd.DEMO_ACCELERATORS:
         assert re.search(rf"\b{a}\b", r.output), a
+
+
+@pytest.mark.parametrize("argv", [
+    ["hw", "list"],
+    ["cost", "--model", "resnet18", "--input", "3x32x32", "--accelerators", "h100_sxm,b200", "--clipping", "hooks,bk"],
+])
+def test_cost_and_hw_tables_fit_80_columns(argv):
+    """Every cell in full at 80 columns: the JSON output's values appear in the text tables."""
+    from typer.testing import CliRunner
+
+    from dpquant_sim.cli import _register, app
+
+    _register()
+    r = CliRunner().invoke(app, argv, env={"COLUMNS": "80"}, terminal_width=80)
+    assert r.exit_code == 0, r.output
+    table_lines = [ln for ln in r.output.splitlines() if not ln.startswith(("x fp32", "$/h:", "! ="))]  # prose wraps
+    assert max(map(len, table_lines)) <= 80 and "…" not in r.output
+    doc = json.loads(CliRunner().invoke(app, [*argv, "--json"]).stdout)
+    if argv[0] == "hw":
+        for p in doc["profiles"]:
+            assert p["name"] in r.output and f"{p['max_devices']}" in r.output
+    else:
+        for row in doc["results"]:
+            assert f"{row['speedup_vs_bf16_theoretical']:.3g}" in r.output, row

@@ -194,7 +194,8 @@ def cost(
                         "time_roofline_s", "roof band", "band_basis", "speedup_vs_fp32_theoretical",
                         "speedup_vs_bf16_theoretical", "speedup_vs_bf16_roofline", "fallbacks", "energy_j", "dollars",
                         "memory_gb", "fits"],
-                   f"run {run} (seconds per epoch; clipping used: {df['clipping_run'].iloc[0] if len(df) else '-'})")
+                   f"run {run} (seconds per epoch; clipping used: {df['clipping_run'].iloc[0] if len(df) else '-'})",
+                   fixed=4)
             typer.echo(SPEEDUP_NOTE)
         return
     if not model or not input:
@@ -239,7 +240,7 @@ def cost(
     _table(df, ["hw", "devices", "batch", "clipping", "format", "quantized_flop_share", "theoretical_s", "roofline_s",
                 "roof band", "band_basis", "allreduce_s", "speedup_vs_fp32_theoretical", "speedup_vs_bf16_theoretical",
                 "speedup_vs_bf16_roofline", "fallbacks", "energy_j", "dollars", "memory_gb", "fits"],
-           f"{model} {input} {schedule} ({'DP' if dp else 'non-DP'}, base {base}; seconds per step)")
+           f"{model} {input} {schedule} ({'DP' if dp else 'non-DP'}, base {base}; seconds per step)", fixed=5)
     typer.echo(SPEEDUP_NOTE)
     if len(algos) * len(plans) > 1:
         _speedup_matrix(df)
@@ -267,15 +268,13 @@ def _speedup_matrix(df) -> None:
     """One line per (hw, devices, batch): speedup over the same step in bf16, 'theoretical/roofline', per
     (format, clipping algorithm); '!' marks a step that does not fit the device memory."""
     from rich.console import Console
-    from rich.table import Table
+
+    from dpquant_sim.cli.tables import print_fitting
 
     keys = [k for k in ("devices", "batch") if df[k].nunique() > 1]
     cols = list(dict.fromkeys(zip(df["format"], df["clipping"])))
-    t = Table(title="speedup over bf16 (theoretical / roofline) per format and clipping algorithm")
-    for c in ["hw", *keys]:
-        t.add_column(_SHORT.get(c, c), justify="left" if c == "hw" else "right")
-    for f, a in cols:
-        t.add_column(f"{f} {a}", justify="right")
+    names = [_SHORT.get(c, c) for c in ["hw", *keys]] + [f"{f} {a}" for f, a in cols]
+    rows = []
     for key, g in df.groupby(["hw", *keys], sort=False):
         key = key if isinstance(key, tuple) else (key,)
         cells = [str(k) if not isinstance(k, float) else f"{k:g}" for k in key]
@@ -287,8 +286,10 @@ def _speedup_matrix(df) -> None:
             r = r.iloc[0]
             fit = "" if r["fits"] in (True, None) or r["fits"] != r["fits"] else " !"
             cells.append(f"{r['speedup_vs_bf16_theoretical']:.2f} / {r['speedup_vs_bf16_roofline']:.2f}{fit}")
-        t.add_row(*cells)
-    Console(width=220).print(t)
+        rows.append(cells)
+    # as wide as the terminal (80 columns when not one); columns that do not fit go to a continuation table
+    print_fitting(Console(), "speedup over bf16 (theoretical / roofline) per format and clipping algorithm", names,
+                  rows, fixed=1 + len(keys), left=("hw",))
     typer.echo("! = does not fit the device memory at this batch (per-device working set above capacity).")
 
 
@@ -299,15 +300,16 @@ _SHORT = {"devices": "dev", "band_basis": "band from", "quantized_flop_share": "
           "clipping_costed": "clipping"}
 
 
-def _table(df, cols, title: str) -> None:
+def _table(df, cols, title: str, fixed: int = 1) -> None:
+    """``df[cols]`` as a table as wide as the terminal (80 columns when not one): the columns after the first
+    ``fixed`` (which every part repeats) that do not fit go to continuation tables; no cell is cut off."""
     from rich.console import Console
-    from rich.table import Table
 
-    t = Table(title=title)
-    for c in cols:
-        name = _SHORT.get(c, c)
-        t.add_column(name.replace("speedup_vs_", "x ").replace("_theoretical", " theo").replace("_roofline", " roof"),
-                     justify="left" if c in ("hw", "fallbacks", "roof band") else "right")
+    from dpquant_sim.cli.tables import print_fitting
+
+    names = [_SHORT.get(c, c).replace("speedup_vs_", "x ").replace("_theoretical", " theo")
+             .replace("_roofline", " roof") for c in cols]
+    rows = []
     for _, r in df.iterrows():
         cells = []
         for c in cols:
@@ -321,8 +323,8 @@ def _table(df, cols, title: str) -> None:
                 cells.append("n/a" if v != v else (f"{v:.3g}" if abs(v) < 1e4 else f"{v:.4g}"))
             else:
                 cells.append(str(v))
-        t.add_row(*cells)
-    Console(width=220).print(t)
+        rows.append(cells)
+    print_fitting(Console(), title, names, rows, fixed=fixed, left=("hw", "runs as", "roof band"))
 
 
 def register(app: typer.Typer) -> None:

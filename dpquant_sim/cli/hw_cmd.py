@@ -53,7 +53,6 @@ def hw_list(
     """Table of every profile: dense peaks (TFLOP/s; '-> x' = no native path, runs as x; * = uncertain), memory,
     power, price, data-parallel reach and the error band of its GEMM times."""
     from rich.console import Console
-    from rich.table import Table
 
     from dpquant_sim.cost.profiles import load_profiles
 
@@ -63,18 +62,20 @@ def hw_list(
 
         typer.echo(json_document({"profiles": [hw_list_row(p) for p in profs.values()]}))
         return
-    t = Table(title="accelerator profiles (dense peaks, TFLOP/s or TOP/s; '-> x': runs as x)")
-    for col in ("name", "vendor", "fp32", "bf16", "fp8", "fp6", "fp4", "int8", "BW TB/s", "mem GB", "TDP W", "$/h",
-                "max dev", "time band"):
-        t.add_column(col, justify="left" if col in ("name", "vendor", "time band") else "right")
+    from dpquant_sim.cli.tables import print_fitting
+
+    names = ["name", "vendor", *LIST_PRECISIONS, "BW TB/s", "mem GB", "TDP W", "$/h", "max dev", "time band"]
+    rows = []
     for p in profs.values():
         lo, hi, basis = p.error_band
-        t.add_row(p.name, p.vendor, *(_fmt_peak(p, c) for c in ("fp32", "bf16", "fp8", "fp6", "fp4", "int8")),
-                  f"{p.bandwidth / 1e12:.3g}", f"{p.capacity_bytes / 1e9:.0f}",
-                  "n/p" if p.tdp_w is None else f"{p.tdp_w:g}",
-                  "n/a" if p.price_per_hour is None else f"{p.price_per_hour.value:g}*",
-                  str(p.max_devices), f"{lo * 100:+.0f}/{hi * 100:+.0f}% {basis}")
-    Console(width=180).print(t)
+        rows.append([p.name, p.vendor, *(_fmt_peak(p, c) for c in LIST_PRECISIONS),
+                     f"{p.bandwidth / 1e12:.3g}", f"{p.capacity_bytes / 1e9:.0f}",
+                     "n/p" if p.tdp_w is None else f"{p.tdp_w:g}",
+                     "n/a" if p.price_per_hour is None else f"{p.price_per_hour.value:g}*",
+                     str(p.max_devices), f"{lo * 100:+.0f}/{hi * 100:+.0f}% {basis}"])
+    # as wide as the terminal (80 columns when not one); what does not fit goes to a continuation table
+    print_fitting(Console(), "accelerator profiles (dense peaks, TFLOP/s or TOP/s; '-> x': runs as x)", names, rows,
+                  fixed=1, left=("name", "vendor", "time band"))
     typer.echo("$/h: public on-demand price per device-hour (* unverified list price; see `hw show NAME`). time band: "
                "range of the GEMM model's cross-validated error (measured on this device, transferred from one, or "
                "the generic band).")
