@@ -69,7 +69,7 @@ TRAIN_FIELD_FLAGS: dict[str, str] = {
 _FLAG_FIELDS = ("dataset", "data_dir", "n_train", "n_test", "model", "epochs", "batch_size", "physical_batch_size",
                 "lr", "optimizer", "momentum", "weight_decay", "epsilon", "noise_multiplier", "delta",
                 "max_grad_norm", "accountant", "clipping", "secure_noise", "release_train_loss", "recipe", "seed",
-                "data_seed", "threads", "device", "preset")
+                "data_seed", "threads", "device", "preset", "public_fraction")
 
 
 def train_flag_names():
@@ -183,11 +183,16 @@ def register(app: typer.Typer) -> None:
                                                          "KEY=VALUE (repeatable), e.g. temperature=0.5, "
                                                          "interval=2, noise_multiplier=2."),
         prune_sparsity: Optional[float] = typer.Option(None, help="Pre-prune this share of weights, [0, 1)."),
-        prune_method: Optional[str] = typer.Option(None, help="random | magnitude | snip-free."),
+        prune_method: Optional[str] = typer.Option(None, help="random | magnitude | synflow (data-free) | "
+                                                   "snip-public (needs --public-fraction)."),
         prune_structure: Optional[str] = typer.Option(None, help="unstructured | channel."),
         drop_keep: Optional[float] = typer.Option(None, help="Gradient dropping: share of coordinates kept per "
                                                   "step, (0, 1]."),
         drop_method: Optional[str] = typer.Option(None, help="random | magnitude (gradient dropping)."),
+        public_fraction: Optional[float] = typer.Option(None, help="Hold out this share of the training set, "
+                                                        "[0, 1), as a declared public split: never used by "
+                                                        "DP-SGD (n_train and the sample rate count the rest); "
+                                                        "only data-dependent pruning reads it (default 0)."),
         eval_quantized: Optional[bool] = typer.Option(None, "--eval-quantized/--eval-fp32",
                                                       help="Evaluate with the epoch's plan, or in fp32 (default)."),
         preset: Optional[str] = typer.Option(None, help="paper: the DPQuant paper's method in one word (luq_fp4, "
@@ -231,7 +236,8 @@ def register(app: typer.Typer) -> None:
                      accountant=accountant, clipping=clipping, secure_noise=secure_noise or None,
                      release_train_loss=release_train_loss or None,
                      recipe=recipe, eval_quantized=eval_quantized, seed=seed, preset=preset,
-                     data_seed=data_seed, threads=threads, device=device, _schedule=schedule)
+                     data_seed=data_seed, threads=threads, device=device, _schedule=schedule,
+                     public_fraction=public_fraction)
         sopts = _parse_opts(schedule_opt, "--schedule-opt")
         if budget is not None:
             sopts["budget"] = budget

@@ -11,9 +11,10 @@ epoch, so equal budgets mean equal expected quantized compute.
 
 from __future__ import annotations
 
+import warnings
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Base(BaseModel):
@@ -92,16 +93,42 @@ ScheduleConfig = Annotated[
 SCHEDULE_KINDS: tuple[str, ...] = ("fp32", "static-all", "static-subset", "random", "dpquant")
 
 
-class PruneConfig(_Base):
-    """Pre-pruning before DP training (arXiv 2306.11754). Only 'channel' structure saves FLOPs."""
+PRUNE_METHODS: tuple[str, ...] = ("random", "magnitude", "synflow", "snip-public")
+# criteria that read training examples: only allowed on a declared public split (TrainConfig.public_fraction)
+DATA_DEPENDENT_PRUNE_METHODS: tuple[str, ...] = ("snip-public",)
+_DEPRECATED_PRUNE_METHODS = {"snip-free": "synflow"}  # accepted for one release, not shown in help
+_warned_deprecated: set[str] = set()
 
-    method: Literal["random", "magnitude", "snip-free"] = "magnitude"
+
+class PruneConfig(_Base):
+    """Pre-pruning before DP training (arXiv 2306.11754). Only 'channel' structure saves FLOPs.
+
+    ``method``: ``random`` | ``magnitude`` | ``synflow`` (data-free) | ``snip-public`` (SNIP on the public
+    split; needs ``TrainConfig.public_fraction > 0``). ``snip-free`` is a deprecated alias of ``synflow``.
+    """
+
+    method: Literal["random", "magnitude", "synflow", "snip-public"] = "magnitude"
     structure: Literal["unstructured", "channel"] = "unstructured"
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _deprecated_alias(cls, v):
+        if isinstance(v, str) and v in _DEPRECATED_PRUNE_METHODS:
+            new = _DEPRECATED_PRUNE_METHODS[v]
+            if v not in _warned_deprecated:
+                _warned_deprecated.add(v)
+                warnings.warn(f"prune method {v!r} is deprecated and will be removed in the next release; it is "
+                              f"{new!r} (one-shot SynFlow, Tanaka et al. 2020): use {new!r}", FutureWarning,
+                              stacklevel=2)
+            return new
+        return v
+
 
 class DropConfig(_Base):
-    """Per-step gradient dropping: keep a share of coordinates, masks applied before clipping."""
+    """Per-step gradient dropping: keep a share of coordinates, masks applied before clipping; dropped coordinates
+    do not move that step (optimizer state included). ``magnitude`` ranks the current WEIGHTS |w| (public: the
+    initialisation or post-processing of DP releases), never the private gradients."""
 
     method: Literal["random", "magnitude"] = "random"
     keep: float = Field(0.5, gt=0.0, le=1.0, description="share of gradient coordinates kept each step")

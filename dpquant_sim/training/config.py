@@ -87,6 +87,10 @@ class TrainConfig(BaseModel):
     schedule: ScheduleConfig = Field(default_factory=Fp32Config)
     prune: PruneConfig | None = None
     drop: DropConfig | None = None
+    public_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, validate_default=True, description="share of the training set held out (seeded by "
+        "seed), declared public and never used by DP-SGD (the private set, and so the sample rate's n_train, "
+        "shrink); only data-dependent pruning (prune.method snip-public) reads it")
     eval_quantized: bool = Field(False, description="evaluate with the epoch's plan (True) or in fp32 (False)")
     preset: Literal["paper"] | None = Field(
         None, description="fill unset fields from a seed paper's method (dpquant_sim.presets, docs/fidelity.md)")
@@ -137,6 +141,19 @@ class TrainConfig(BaseModel):
     def _noise_positive(cls, v: float | None, info: ValidationInfo) -> float | None:
         if v == 0 and info.data.get("private", True):
             raise ValueError("a value > 0 in a private run (0 gives no privacy; set private: false instead)")
+        return v
+
+    @field_validator("public_fraction")
+    @classmethod
+    def _data_dependent_prune_needs_public(cls, v: float, info: ValidationInfo) -> float:
+        from dpquant_sim.schedules.configs import DATA_DEPENDENT_PRUNE_METHODS
+
+        prune = info.data.get("prune")
+        if prune is not None and prune.method in DATA_DEPENDENT_PRUNE_METHODS and v <= 0:
+            raise ValueError(
+                f"a value in (0, 1) with prune.method {prune.method!r} (--public-fraction): a data-dependent "
+                "pruning criterion reads training examples, and without a declared public split those would be "
+                "private data that no epsilon accounts for; or use a data-free method (random, magnitude, synflow)")
         return v
 
     # ------------------------------------------------------------------ construction helpers
