@@ -188,10 +188,12 @@ def _jsonable(x: Any) -> Any:
 def _progress(enabled: bool):
     if not enabled or not sys.stderr.isatty():
         return None
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
+                    console=Console(stderr=True))  # stdout stays for results (train --json)
 
 
 @torch.no_grad()
