@@ -162,6 +162,10 @@ def run_local(
         pool.shutdown(wait=True)
 
 
+RAY_MAX_RETRIES = 3  # resubmissions of a point whose Ray worker process or node died (system failures only)
+RAY_LOCK_WAIT_S = 120.0  # how long a Ray task waits for its run folder's lock before running the point anyway
+
+
 def ray_available() -> bool:
     try:
         import ray  # noqa: F401
@@ -180,9 +184,15 @@ def run_ray(
 ) -> Iterator[tuple[str, str | None]]:
     """Run points as Ray tasks (``num_cpus=threads`` each).
 
-    ``address``: an existing cluster ('auto' or 'ray://head:10001'); None starts a local Ray instance with
-    ``workers`` CPUs (default: all) and shuts it down afterwards. Run directories must be on storage every
-    node sees (a shared filesystem) for results to land in one sweep folder.
+    ``address``: an existing cluster ('auto', 'HEAD_IP:6379' or 'ray://head:10001'); None starts a new local
+    Ray instance with ``workers`` CPUs (default: all) and shuts it down afterwards. Run directories must be on
+    storage every node sees (a shared filesystem) for results to land in one sweep folder.
+
+    Worker loss: a task whose worker process or node dies is resubmitted by Ray (``RAY_MAX_RETRIES`` times;
+    errors raised by the point function itself are reported, not retried). Before calling the point function a
+    task waits up to ``RAY_LOCK_WAIT_S`` for the run folder's lock (``dpquant_sim.locking``) to be free, so a
+    retry never trains beside a dying attempt that still holds the folder; the point function takes the lock
+    itself (``training.engine.train`` does), so one run folder never has two writers.
     """
     try:
         import ray
@@ -195,18 +205,22 @@ def run_ray(
         kw: dict[str, Any] = {"ignore_reinit_error": True, "include_dashboard": False, "log_to_driver": False}
         if address:
             ray.init(address=address, **kw)
-        else:
-            ray.init(num_cpus=workers or os.cpu_count() or 1, **kw)
+        else:  # "local": a new instance, never a cluster that happens to run on this machine
+            ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, **kw)
         started = True
     try:
 
-        def _remote(fn, cfg, run_dir, n_threads):
+        def _remote(fn, cfg, run_dir, n_threads, lock_wait_s):
+            from dpquant_sim.locking import wait_until_free
+
             _set_threads(n_threads)
+            wait_until_free(Path(run_dir), lock_wait_s)  # an earlier attempt may still be dying; see above
             return _call(fn, cfg, Path(run_dir))
 
-        remote = ray.remote(num_cpus=threads, max_retries=0)(_remote)
+        remote = ray.remote(num_cpus=threads, max_retries=RAY_MAX_RETRIES, retry_exceptions=False)(_remote)
         fn_ref = ray.put(point_fn)
-        refs = {remote.remote(fn_ref, cfg, str(run_dir), threads): pid for pid, cfg, run_dir in tasks}
+        refs = {remote.remote(fn_ref, cfg, str(run_dir), threads, RAY_LOCK_WAIT_S): pid
+                for pid, cfg, run_dir in tasks}
         pending = list(refs)
         try:
             while pending:
