@@ -91,6 +91,15 @@ class LockedPoint:
             atomic_write_json(path, rec)
 
 
+def _point(log_dir: str | Path, delay: float = 0.0) -> LockedPoint:
+    """A LockedPoint whose class Ray and pool workers can import: pytest imports this file as the top-level
+    module ``test_sweep_ray`` (tests/ on its path), while workers see the repository root (the driver's working
+    directory), where it is ``tests.test_sweep_ray``."""
+    from tests.test_sweep_ray import LockedPoint as Importable
+
+    return Importable(log_dir, delay)
+
+
 def _attempts(log_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(log_dir.glob("*.json"))]
 
@@ -159,13 +168,14 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _pool_table(tmp_path: Path) -> pd.DataFrame:
-    """The same sweep on the local process pool (2 spawned workers): the reference table."""
+@pytest.fixture(scope="module")
+def pool_table(tmp_path_factory) -> pd.DataFrame:
+    """The fake-point sweep on the local process pool (2 spawned workers): the reference table."""
     from dpquant_sim.sweep.runner import run_sweep
     from tests.test_sweep_runner import _cfg
 
-    res = run_sweep(_cfg(), tmp_path / "pool", workers=2, point_fn=LockedPoint(tmp_path / "pool_log"),
-                    progress=False)
+    tmp = tmp_path_factory.mktemp("pool")
+    res = run_sweep(_cfg(), tmp / "pool", workers=2, point_fn=_point(tmp / "log"), progress=False)
     assert res.ok and len(res.finished) == 3
     return res.table
 
@@ -195,8 +205,8 @@ def test_ray_without_address_starts_its_own_instance(tmp_path):
 
 
 @needs_ray
-@pytest.mark.slow  # real training in Ray workers and in a process pool: about 40 s on 2 loaded cores
-def test_cli_sweep_on_an_existing_cluster_equals_the_process_pool(cluster, tmp_path):
+@pytest.mark.slow  # real training in a Ray worker (a torch import there) and here
+def test_cli_sweep_on_an_existing_cluster_equals_a_local_run(cluster, tmp_path):
     _ensure_worker(cluster)
     sweep = tmp_path / "s.yaml"
     sweep.write_text(textwrap.dedent(
@@ -214,10 +224,14 @@ def test_cli_sweep_on_an_existing_cluster_equals_the_process_pool(cluster, tmp_p
     ray_run = subprocess.run(cli + ["--out", str(tmp_path / "ray"), "--executor", "ray", "--address",
                                     cluster.address], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert ray_run.returncode == 0, ray_run.stderr[-3000:]
-    pool_run = subprocess.run(cli + ["--out", str(tmp_path / "pool"), "--workers", "2"], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=240)
-    assert pool_run.returncode == 0, pool_run.stderr[-3000:]
-    a, b = _table(tmp_path / "ray"), _table(tmp_path / "pool")
+    # Reference: the same sweep trained here, one point after another (the fake-point tests below compare
+    # with the process pool; a pool of real training adds two torch imports to a slow test for nothing new).
+    from dpquant_sim.sweep.config import SweepConfig
+    from dpquant_sim.sweep.runner import run_sweep
+
+    ref = run_sweep(SweepConfig.from_yaml(sweep), tmp_path / "serial", workers=1, progress=False)
+    assert ref.ok
+    a, b = _table(tmp_path / "ray"), _table(tmp_path / "serial")
     timing = [c for c in a.columns if c.startswith("wall_s")]  # measured run time: the one thing that may differ
     assert len(a) == 2 and a["complete"].all()
     pd.testing.assert_frame_equal(a.drop(columns=timing), b.drop(columns=timing))
@@ -226,10 +240,13 @@ def test_cli_sweep_on_an_existing_cluster_equals_the_process_pool(cluster, tmp_p
 
 
 @needs_ray
-@pytest.mark.slow
-def test_points_run_on_both_nodes_and_a_held_run_folder_is_waited_for(cluster, tmp_path):
-    """Identical table to the process pool's; both nodes take points; a point whose run folder another process
-    holds starts only after that process has let go."""
+@pytest.mark.slow  # about 10 s on 2 idle cores
+def test_points_run_on_both_nodes_and_a_held_run_folder_is_waited_for(cluster, pool_table, tmp_path):
+    """The process pool's table; both nodes take points; a point whose run folder another process holds starts
+    only after that process has let go. The driver is this process, attached with ``address``."""
+    import ray
+
+    from dpquant_sim.sweep.runner import run_sweep
     from tests.test_locking import _hold
     from tests.test_sweep_runner import _cfg
 
@@ -239,7 +256,7 @@ def test_points_run_on_both_nodes_and_a_held_run_folder_is_waited_for(cluster, t
     released = {}
 
     def release() -> None:
-        time.sleep(4.0)
+        time.sleep(3.0)
         released["t"] = time.time()
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -247,27 +264,30 @@ def test_points_run_on_both_nodes_and_a_held_run_folder_is_waited_for(cluster, t
     t = threading.Thread(target=release)
     t.start()
     try:
-        res = _finish(_driver(tmp_path / "ray", cluster.address, tmp_path / "log", delay=1.5))
+        res = run_sweep(_cfg(), tmp_path / "ray", executor="ray", address=cluster.address,
+                        point_fn=_point(tmp_path / "log", delay=1.0), progress=False)
     finally:
         t.join()
-    assert sorted(res["finished"]) == sorted(p.id for p in _cfg().points()) and not res["failed"]
+    assert not ray.is_initialized()  # disconnected again; the cluster itself stays up
+    assert res.ok and sorted(res.finished) == sorted(p.id for p in _cfg().points())
     att = _attempts(tmp_path / "log")
     assert len(att) == 3 and all("end" in a for a in att)
     assert {a["node"] for a in att} == {cluster.head_node.node_id, cluster.worker.node_id}
     (h,) = [a for a in att if a["point"] == held]
     assert h["start"] >= released["t"]  # waited for the holder instead of running beside it
-    pd.testing.assert_frame_equal(_table(tmp_path / "ray"), _pool_table(tmp_path))
+    pd.testing.assert_frame_equal(res.table, pool_table)
 
 
 @needs_ray
 @pytest.mark.slow
-def test_killing_the_worker_node_mid_point_loses_nothing_and_never_runs_a_point_twice_at_once(cluster, tmp_path):
+def test_killing_the_worker_node_mid_point_loses_nothing_and_never_runs_a_point_twice_at_once(cluster, pool_table,
+                                                                                              tmp_path):
     from tests.test_sweep_runner import _cfg
 
     _ensure_worker(cluster)
     worker = cluster.worker
     log = tmp_path / "log"
-    proc = _driver(tmp_path / "ray", cluster.address, log, delay=4.0)
+    proc = _driver(tmp_path / "ray", cluster.address, log, delay=3.0)
     victim = None
     deadline = time.time() + 120
     while victim is None and time.time() < deadline and proc.poll() is None:
@@ -285,10 +305,7 @@ def test_killing_the_worker_node_mid_point_loses_nothing_and_never_runs_a_point_
     retry = [a for a in att if a["point"] == victim["point"] and a["pid"] != victim["pid"]]
     assert len(retry) == 1 and retry[0]["node"] == cluster.head_node.node_id and retry[0]["start"] > killed_at
     assert all(not a["live_earlier"] for a in att), att  # no attempt ever started beside a live one
-    # The finished sweep is the process pool's, and a rerun finds nothing to do.
-    pd.testing.assert_frame_equal(_table(tmp_path / "ray"), _pool_table(tmp_path))
-    again = _finish(_driver(tmp_path / "ray", cluster.address, tmp_path / "log2", delay=0))
-    assert len(again["skipped"]) == 3 and not again["finished"] and not again["failed"]
+    pd.testing.assert_frame_equal(_table(tmp_path / "ray"), pool_table)  # the finished sweep is the pool's
 
 
 def test_ray_missing_is_clear_error(monkeypatch, tmp_path):

@@ -28,15 +28,15 @@ Task = tuple[str, Any, Path]  # (point id, TrainConfig, run dir)
 
 
 def _set_threads(n: int) -> None:
-    """Worker initializer: one BLAS/torch thread pool of size n per worker (no oversubscription)."""
+    """Worker initializer: one BLAS/torch thread pool of size n per worker (no oversubscription).
+
+    torch sizes its pool from OMP_NUM_THREADS when it is first imported, so it is only imported here (seconds
+    per worker) when it is already loaded; a point function that needs it imports it with the variable set."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(n)
-    try:
-        import torch
-
+    torch = sys.modules.get("torch")
+    if torch is not None:
         torch.set_num_threads(n)
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        pass
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
