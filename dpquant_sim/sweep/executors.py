@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -83,7 +84,25 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise _Terminated(128 + signum)
 
 
-def _worker_init(threads: int, parent_pid: int) -> None:
+MAIN_GUARD_HINT = (
+    "a script that calls run_sweep (or anything that starts a process pool) must do so under "
+    "`if __name__ == \"__main__\":`: the pool's workers are spawned, fresh interpreters that import the script "
+    "again, and without the guard each of them starts the sweep itself (docs/usage.md, section 2)")
+
+
+class WorkersDidNotStart(RuntimeError):
+    """The process pool's workers died while starting (before their initializer ran), so no point ran."""
+
+
+def in_spawned_bootstrap() -> bool:
+    """True while a spawned worker process imports the parent's main script (``multiprocessing``'s own test for
+    code that would start processes recursively)."""
+    import multiprocessing as mp
+
+    return bool(getattr(mp.current_process(), "_inheriting", False))
+
+
+def _worker_init(threads: int, parent_pid: int, started: Any = None) -> None:
     """Pool worker initializer: die with the parent, leave Ctrl-C to it, ``threads`` torch threads.
 
     Ctrl-C in a terminal sends SIGINT to the whole foreground process group, workers included; they ignore it
@@ -94,6 +113,8 @@ def _worker_init(threads: int, parent_pid: int) -> None:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     _die_with_parent(parent_pid)
     _set_threads(threads)
+    if started is not None:
+        started.set()  # this worker got past importing the main script
 
 
 def _call(point_fn: PointFn, config: Any, run_dir: Path) -> str | None:
@@ -131,8 +152,9 @@ def run_local(
         return
     # spawn: a fresh interpreter per worker (fork after torch/OpenMP initialised can deadlock).
     ctx = mp.get_context("spawn")
+    started = ctx.Event()
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                               initargs=(threads, os.getpid()))
+                               initargs=(threads, os.getpid(), started))
     futures = {}
     try:
         for pid, cfg, run_dir in tasks:
@@ -143,6 +165,12 @@ def run_local(
             for f in done:
                 try:
                     err = f.result()
+                except BrokenProcessPool:
+                    if not started.is_set():  # no worker ever ran its initializer: they died importing __main__
+                        raise WorkersDidNotStart(
+                            "the sweep's worker processes died while starting, before running any point (their "
+                            f"errors are printed above); the usual cause: {MAIN_GUARD_HINT}") from None
+                    err = traceback.format_exc()  # a worker crashed (e.g. killed, out of memory)
                 except Exception:  # worker crashed (e.g. killed, out of memory)
                     err = traceback.format_exc()
                 yield futures[f], err
