@@ -221,8 +221,10 @@ def test_cli_sweep_on_an_existing_cluster_equals_a_local_run(cluster, tmp_path):
         """))
     cli = [str(Path(sys.executable).parent / "dpquant-sim"), "sweep", str(sweep), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ray_run = subprocess.run(cli + ["--out", str(tmp_path / "ray"), "--executor", "ray", "--address",
-                                    cluster.address], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    # A relative --out, as users type it: the tasks run elsewhere (other working directory) and must still write
+    # into this folder.
+    ray_run = subprocess.run(cli + ["--out", "ray", "--executor", "ray", "--address", cluster.address],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert ray_run.returncode == 0, ray_run.stderr[-3000:]
     # Reference: the same sweep trained here, one point after another (the fake-point tests below compare
     # with the process pool; a pool of real training adds two torch imports to a slow test for nothing new).

@@ -247,7 +247,8 @@ def run_ray(
 
         remote = ray.remote(num_cpus=threads, max_retries=RAY_MAX_RETRIES, retry_exceptions=False)(_remote)
         fn_ref = ray.put(point_fn)
-        refs = {remote.remote(fn_ref, cfg, str(run_dir), threads, RAY_LOCK_WAIT_S): pid
+        # Absolute paths: a task's working directory is not the driver's (on another node it may not exist).
+        refs = {remote.remote(fn_ref, cfg, str(Path(run_dir).absolute()), threads, RAY_LOCK_WAIT_S): pid
                 for pid, cfg, run_dir in tasks}
         pending = list(refs)
         try:
