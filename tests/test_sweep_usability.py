@@ -69,3 +69,22 @@ def test_load_table_refuses_a_sweep_without_finished_points(tmp_path, monkeypatc
     with pytest.warns(UserWarning, match=r"holds the finished points only \(3 points: 2 finished, 1 failed"):
         t = load_table(tmp_path)
     assert t["point_id"].nunique() == 2
+
+
+def record_threads(config, run_dir):
+    """A point that imports torch (first import in a pool worker) and records its intra-op thread count."""
+    import torch
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "threads.txt").write_text(str(torch.get_num_threads()))
+    fake_point(config, run_dir)
+
+
+@pytest.mark.slow  # two spawned workers importing torch
+def test_pool_workers_train_with_threads_per_worker(tmp_path):
+    """The workers no longer import torch up front: torch, imported by the point, still gets
+    ``threads_per_worker`` threads (from OMP_NUM_THREADS, set before)."""
+    res = run_sweep(_cfg(executor={"kind": "local", "workers": 2, "threads_per_worker": 1}), tmp_path, workers=2,
+                    point_fn=record_threads, progress=False, collect=False)
+    assert res.ok
+    assert {(tmp_path / "runs" / p.id / "threads.txt").read_text() for p in res.points} == {"1"}
