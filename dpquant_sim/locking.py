@@ -111,7 +111,10 @@ def folder_lock(folder: str | os.PathLike, *, what: str = "run folder", field: s
 
 
 def is_locked(folder: str | os.PathLike) -> bool:
-    """Whether a live process holds ``folder``'s lock now (a lock file left by a dead process does not count)."""
+    """Whether a live process holds ``folder``'s lock now (a lock file left by a dead process does not count).
+
+    The probe holds a shared lock for the microseconds between two system calls; a writer taking the folder in
+    exactly that window is refused as if it were in use (and can simply rerun)."""
     if fcntl is None:  # pragma: no cover
         return False
     try:
