@@ -266,12 +266,44 @@ def _parquet_safe(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def sweep_status(out_dir: str | Path) -> tuple[int, int, str]:
+    """(points, finished points, one phrase) of a sweep folder, e.g. '3 points: 1 finished, 1 failed (traceback
+    in runs/<id>/error.txt), 1 not run'. Points from points.csv, else the run dirs."""
+    out_dir = Path(out_dir)
+    try:
+        ids = [str(i) for i in pd.read_csv(out_dir / "points.csv")["point_id"]]
+    except (OSError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        runs = out_dir / "runs"
+        ids = sorted(d.name for d in runs.iterdir() if d.is_dir()) if runs.is_dir() else []
+    finished = [i for i in ids if (out_dir / "runs" / i / "summary.json").is_file()]
+    failed = [i for i in ids if i not in finished and (out_dir / "runs" / i / "error.txt").is_file()]
+    fail = f"{len(failed)} failed (traceback in runs/{failed[0]}/error.txt)" if failed else "0 failed"
+    unrun = len(ids) - len(finished) - len(failed)
+    return len(ids), len(finished), f"{len(ids)} points: {len(finished)} finished, {fail}, {unrun} not run"
+
+
 def load_table(out_dir: str | Path) -> pd.DataFrame:
     """Read a collected table (parquet if present, else CSV), with its ``plan`` column joined back from
-    ``results.plans.jsonl``."""
+    ``results.plans.jsonl``.
+
+    Raises RunFolderError when the folder has no table or the table has no rows (no point has finished: the
+    message counts finished, failed and unrun points and names a failed point's traceback file); warns when
+    the table holds fewer points than the sweep has (it holds the finished ones).
+    """
     out_dir = Path(out_dir)
     if (out_dir / TABLE_PARQUET).is_file():
         table = pd.read_parquet(out_dir / TABLE_PARQUET)
-    else:
+    elif (out_dir / TABLE_CSV).is_file():
         table = pd.read_csv(out_dir / TABLE_CSV)
+    else:
+        raise RunFolderError(
+            f"{str(out_dir)!r} has no results table ({TABLE_CSV}): run the sweep with --out there first, or rebuild "
+            f"the table from its run dirs with `dpquant-sim report {out_dir} --recollect`")
+    n_points, _, status = sweep_status(out_dir)
+    if table.empty:
+        raise RunFolderError(
+            f"{str(out_dir)!r}: the results table is empty because no point of the sweep has finished ({status}); "
+            "fix the cause and rerun the sweep")
+    if "point_id" in table.columns and table["point_id"].nunique() < n_points:
+        warnings.warn(f"{str(out_dir)!r}: the results table holds the finished points only ({status})", stacklevel=2)
     return _join_plans(table, out_dir / TABLE_CSV)

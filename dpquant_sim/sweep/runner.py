@@ -32,7 +32,8 @@ from dpquant_sim.io import atomic_write_df, atomic_write_text, clean_stale_temps
 from dpquant_sim.locking import folder_lock
 from dpquant_sim.sweep.config import SweepConfig, SweepPoint
 from dpquant_sim.training.config import flatten_config
-from dpquant_sim.sweep.executors import PointFn, run_local, run_ray, run_serial
+from dpquant_sim.sweep.executors import (MAIN_GUARD_HINT, PointFn, in_spawned_bootstrap, run_local, run_ray,
+                                         run_serial)
 
 
 def train_point(config: Any, run_dir: Path) -> None:
@@ -127,8 +128,12 @@ def run_sweep(
 
     Raises:
         RunFolderError: ``out_dir`` holds another sweep, or another process is running a sweep in it.
+        WorkersDidNotStart: the process pool's workers died while starting (a script calling run_sweep
+            without the ``if __name__ == "__main__":`` guard); RuntimeError too when called from such a worker.
         ConfigError: ``out_dir`` is a file, lies under one, or is not writable.
     """
+    if in_spawned_bootstrap():
+        raise RuntimeError(f"run_sweep was called while a worker process imported the main script; {MAIN_GUARD_HINT}")
     out_dir = Path(out_dir)
     kind = executor or cfg.executor.kind
     check_choice("executor", kind, ("local", "ray"))
