@@ -307,3 +307,16 @@ def test_luq_fp4_batch_trains_non_private(tmp_path):
                      batch_size=64, n_train=256, n_test=64, schedule={"kind": "static-all"}),
                 tmp_path / "run", progress=False)
     assert math.isfinite(res.summary["test_acc"]) and res.summary["mean_quantized_flop_share"] == 1.0
+
+
+def test_cli_refuses_luq_fp4_batch_under_dp_in_one_line(capsys, tmp_path):
+    from dpquant_sim.cli import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--epsilon", "8",
+              "--quantize", "luq_fp4_batch", "--schedule", "static-all", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err
+    assert "luq_fp4_batch" in err and "'luq_fp4'" in err and "--non-private" in err
+    assert not out.exists()
