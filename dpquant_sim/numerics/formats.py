@@ -1,4 +1,4 @@
-"""Typed number formats: OCP fp8/fp6/fp4, symmetric ints, bf16/fp16 and LUQ's radix-2 log4.
+"""Typed number formats: OCP fp8/fp6/fp4, symmetric ints, bf16/fp16 and radix-2 log4 / luq_log4 (LUQ).
 
 Every format is a frozen dataclass with its derived constants (bias, max, smallest normal and subnormal) so
 that callers never recompute them. The quantizer (``quantize.py``) reads only ``ebits``, ``mbits``, ``bias``,

@@ -90,7 +90,7 @@ def sawb_clip(x: torch.Tensor, keep_dim: int | None, bits: int = 4) -> torch.Ten
 
     >>> x = torch.tensor([[1.0, -1.0, 3.0, -3.0]])
     >>> round(sawb_clip(x, 0).item(), 4)   # sqrt(E[x^2]) = sqrt(5), E|x| = 2
-    2.6565
+    2.6564
     """
     c1, c2 = SAWB_COEFFS[bits]
     xd = x.to(torch.float64)
