@@ -196,8 +196,9 @@ def test_sawb_weights_per_channel_default_and_per_tensor_reachable():
     assert LUQ.weight.scaling == "channel" and LUQ.weight.clip == "sawb"
     got = LUQ.weight.apply(torch.from_numpy(w)).numpy()
     np.testing.assert_array_equal(got, np.stack([sawb_reference(c) for c in w]))
-    per_tensor = luq_recipe(weight_scaling="tensor").weight
+    per_tensor = RECIPES["luq_fp4_wtensor"].weight
     assert per_tensor.scaling == "tensor"
+    assert luq_recipe("luq_fp4_wtensor", weight_scaling="tensor") == RECIPES["luq_fp4_wtensor"]
     got_t = per_tensor.apply(torch.from_numpy(w)).numpy()
     np.testing.assert_array_equal(got_t, sawb_reference(w))
     assert (got_t[0] == 0).all() and not (got[0] == 0).all()  # the small channel vanishes per tensor

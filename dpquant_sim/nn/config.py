@@ -128,7 +128,7 @@ def luq_recipe(
     Args:
         name: the recipe name recorded in plans and metrics.
         weight_scaling: "channel" (SAWB per output channel; the default) or "tensor" (one SAWB clip per
-            weight tensor, as LUQ's reference code).
+            weight tensor, as LUQ's reference code; the recipe ``luq_fp4_wtensor``).
         grad_format: "luq_log4" (LUQ's 8 powers of two plus 0; the default) or "log4" (7 powers of two and a
             zero code: amax * 2^-k, k = 0..6, underflow below amax / 2^6; every value has a 4-bit code).
         batch_scales: False: activation and gradient statistics per sample (DP-safe). True: over the whole
@@ -161,6 +161,8 @@ RECIPES: dict[str, LayerQuantConfig] = {
     "int4": _recipe("int4", "int4", "int4", "int4"),
     # LUQ (docs/formats.md): per-sample activation/gradient statistics (DP-safe), SAWB weights per channel
     "luq_fp4": luq_recipe("luq_fp4"),
+    # the same with one SAWB clip per weight tensor, as LUQ's reference code (weights are not private data)
+    "luq_fp4_wtensor": luq_recipe("luq_fp4_wtensor", weight_scaling="tensor"),
     # LUQ's original batch-wide statistics: non-private runs only (refused under DP, see check_dp_safe)
     "luq_fp4_batch": luq_recipe("luq_fp4_batch", batch_scales=True),
 }
