@@ -89,10 +89,9 @@ class LayerQuantConfig:
                "Use scaling='sample', 'mx' or 'nvfp4' for activations and gradients.")
         raise DPSafetyError(
             f"recipe {self.name!r} is refused under DP: its {what} {'compute' if len(bad) > 1 else 'computes'} "
-            "one scale over the whole batch, "
-            "which mixes examples before per-example clipping, so one example changes another example's "
-            "clipped gradient and the per-example sensitivity bound (||S_D - S_D'|| <= C) no longer holds. "
-            + fix
+            "one scale over the whole batch, so one example's input changes another example's per-sample "
+            "gradient before clipping and the per-example sensitivity bound (||S_D - S_D'|| <= C) no longer "
+            "holds. " + fix
         )
 
     def gemm_precisions(self) -> tuple[str, str, str]:
