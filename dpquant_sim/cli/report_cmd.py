@@ -19,13 +19,16 @@ def report(
                                    "run's metrics.csv disagrees with its summary.json)"),
     png: bool = typer.Option(False, help="also export each figure as PNG (needs kaleido and a browser)"),
     clipping: Optional[str] = typer.Option(
-        None, "--clipping", "--dp-algorithm", help="DP clipping algorithm(s) to cost every private run under: "
+        None, "--clipping", help="DP clipping algorithm(s) to cost every private run under: "
         "hooks, ghost, bk, mixed, comma-separated, or 'all' (default: the sweep's cost_clipping, else each run's "
         "own); a re-costed table goes beside the report like --accelerators"),
+    clipping_old: Optional[str] = typer.Option(None, "--dp-algorithm", hidden=True, help="old name of --clipping"),
 ) -> None:
     """Write the HTML report (Pareto frontiers, accuracy and epsilon per epoch, layer plans, cost)."""
     from dpquant_sim.analysis.report import build_report
+    from dpquant_sim.cli.vocab import merge_alias
 
+    clipping = merge_alias(clipping, clipping_old, new="--clipping", old="--dp-algorithm")
     accs = None
     if accelerators:
         accs = "all" if accelerators == "all" else [a.strip() for a in accelerators.split(",") if a.strip()]
