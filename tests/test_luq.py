@@ -322,7 +322,7 @@ def test_cli_refuses_luq_fp4_batch_under_dp_in_one_line(capsys, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
         main(["train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--epsilon", "8",
-              "--quantize", "luq_fp4_batch", "--schedule", "static-all", "--out", str(out), "--no-progress"])
+              "--recipe", "luq_fp4_batch", "--schedule", "static-all", "--out", str(out), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err
     assert "luq_fp4_batch" in err and "'luq_fp4'" in err and "--non-private" in err
