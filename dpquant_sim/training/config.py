@@ -161,9 +161,11 @@ class TrainConfig(BaseModel):
     def parse(cls, data: Mapping[str, Any], *, source: str | None = None) -> "TrainConfig":
         """Validate a mapping; errors become one ConfigError naming field, value and what is allowed."""
         try:
-            return cls.model_validate(dict(data))
+            cfg = cls.model_validate(dict(data))
         except ValidationError as e:
             raise config_error(e, source) from None
+        check_private_recipe(cfg)
+        return cfg
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -191,6 +193,15 @@ class TrainConfig(BaseModel):
     def with_updates(self, **changes: Any) -> "TrainConfig":
         """A validated copy with some fields changed (``schedule`` may be a dict)."""
         return TrainConfig.parse({**self.model_dump(mode="python"), **changes})
+
+
+def check_private_recipe(cfg: TrainConfig) -> None:
+    """Refuse (DPSafetyError) a private run whose recipe computes an activation or gradient scale over the
+    whole batch (e.g. ``luq_fp4_batch``): it mixes examples before clipping, so the DP guarantee fails."""
+    if cfg.private:
+        from dpquant_sim.nn.config import get_recipe
+
+        get_recipe(cfg.recipe).check_dp_safe()
 
 
 def config_error(e: ValidationError, source: str | None = None) -> ConfigError:

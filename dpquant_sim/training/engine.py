@@ -75,7 +75,7 @@ from dpquant_sim.io import atomic_write, atomic_write_df, atomic_write_json, cle
 from dpquant_sim.locking import folder_lock
 from dpquant_sim.plan import PLANS_FILE, EpochPlan, read_metrics, write_plans
 from dpquant_sim.training.accounting import DPSGD, Mechanism, PrivacyLedger, calibrate_noise, compose_epsilon
-from dpquant_sim.training.config import TrainConfig, flatten_config
+from dpquant_sim.training.config import TrainConfig, check_private_recipe, flatten_config
 
 METRIC_COLUMNS: tuple[str, ...] = (
     "epoch", "train_loss", "test_loss", "test_acc", "epsilon", "delta", "accountant", "noise_multiplier",
@@ -689,11 +689,14 @@ def train(config: TrainConfig | Mapping[str, Any], out_dir: str | Path, *, progr
 
     Raises:
         ConfigError: bad config, batch larger than the data, out_dir of another run, out_dir not a writable folder.
+        DPSafetyError: a private run with a recipe whose activation or gradient scales are batch-wide
+            (``luq_fp4_batch``); nothing is written.
         RunFolderError: another process holds out_dir; its checkpoint is unreadable or holds other settings.
         PrivacyBudgetExceeded: a fixed noise multiplier would spend more than ``epsilon``.
         OutputError: a result cannot be written (full disk, read-only folder); finished epochs are kept.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.parse(config)
+    check_private_recipe(cfg)  # before anything is written: a batch-wide recipe is refused under DP
     out = Path(out_dir)
     if tensorboard:
         _summary_writer_class()  # a missing package fails before anything is written
