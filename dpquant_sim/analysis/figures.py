@@ -85,10 +85,10 @@ def finish_layout(fig: Any, *, title: str, caption: str = "", height: int, subpl
     ``fig.layout.meta['caption']`` for static exports and tests."""
     lines = wrap_caption(caption)
     text = f"<b>{title}</b>" + "".join(f"<br><span style='font-size:12px'>{ln}</span>" for ln in lines)
-    top = 34 + 17 * len(lines) + (34 if subplot_titles else 14)
+    top = 40 + 17 * len(lines) + (34 if subplot_titles else 14)
     fig.update_layout(
-        title={"text": text, "x": 0.01, "xanchor": "left", "yref": "container", "y": 1.0, "yanchor": "top",
-               "pad": {"t": 10}, "font": {"size": 15}},
+        title={"text": text, "x": 0.01, "xanchor": "left", "yref": "container",
+               "y": 1.0 - 12.0 / (height + top), "yanchor": "top", "font": {"size": 15}},
         margin={"t": top, "l": 70, "r": 30, "b": 60},
         template=TEMPLATE, height=height + top, meta={"caption": caption, "title": title},
     )
@@ -404,7 +404,9 @@ def line_figure(
             if distinct and name in all_names:
                 i = all_names.index(name)
                 dash = _DASHES[i % len(_DASHES)]
-                marker = {"symbol": _LINE_SYMBOLS[i % len(_LINE_SYMBOLS)], "size": 9 - (i % 3)}
+                # Earlier series drawn larger and wider: where series coincide, the later (smaller) markers sit
+                # inside the earlier ones and every one stays visible.
+                marker = {"symbol": _LINE_SYMBOLS[i % len(_LINE_SYMBOLS)], "size": 14 - 3 * (i % 4)}
             else:
                 # Variants of one schedule kind share its colour and differ by dash.
                 head = name.split(" ", 1)[0]
@@ -413,7 +415,9 @@ def line_figure(
             fig.add_trace(
                 go.Scatter(
                     x=g[x], y=g[y], mode="lines+markers", name=name, legendgroup=name,
-                    showlegend=name not in shown, line={"color": color_for(name), "dash": dash, "width": 2},
+                    showlegend=name not in shown, line={"color": color_for(name), "dash": dash,
+                                                        "width": 4.0 - 0.8 * (all_names.index(name) % 4)
+                                                        if distinct and name in all_names else 2},
                     marker=marker, error_y=_err(error, g),
                 ),
                 row=r,
@@ -512,7 +516,7 @@ def heatmap_figure(
             colorscale=colorscale,
             zmin=zmin,
             zmax=zmax,
-            colorbar={"title": {"text": colorbar_title}},
+            colorbar={"title": {"text": colorbar_title, "side": "right"}},
             xgap=1,
             ygap=1,
         )

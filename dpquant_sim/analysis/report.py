@@ -395,9 +395,13 @@ def build_sections(table: pd.DataFrame, *, title: str = "dpquant-sim report") ->
             agg["series"] = agg["schedule"] + " / " + agg["model"].astype(str)
         else:
             agg["series"] = agg["schedule"]
+        spread = agg.groupby([c for c in ("dataset", "epoch") if c in agg.columns])[f"{metric}_mean"]
+        if metric == "epsilon" and agg["series"].nunique() > 1 and bool(
+                ((spread.max() - spread.min()) <= 0.005 * spread.max().abs().clip(lower=1e-12)).all()):
+            cap += f" (here all {agg['series'].nunique()} schedules agree within 0.5% at every epoch)"
         fig = line_figure(agg, x="epoch", y=f"{metric}_mean", error=f"{metric}_std", color="series", facet=facet,
                           title=ttl, y_title=ytitle, x_title="epoch (completed passes over the data)",
-                          caption=f"{cap}. {dp}. {seeds_text(agg['n_seeds'])}.", distinct=True)
+                          caption=f"{cap}. {dp}; {seeds_text(agg['n_seeds'])}.", distinct=True)
         sections.append(Section(ttl, fig, agg, slug=f"{metric}_vs_epoch"))
 
     # Layer plans heatmaps: one per quantized schedule configuration (first dataset/model), seeds pooled.
@@ -416,7 +420,7 @@ def build_sections(table: pd.DataFrame, *, title: str = "dpquant-sim report") ->
             where = f"{g['model'].iloc[0]}/{g['dataset'].iloc[0]}"
             n = g["point_id"].nunique()
             fig = heatmap_figure(
-                m, title=f"Layer plan: {sched} ({where})", colorbar_title="share of seeds<br>quantized",
+                m, title=f"Layer plan: {sched} ({where})", colorbar_title="share of seeds quantized",
                 x_title="epoch", y_title="layer (module name)",
                 caption=f"Share of the {n} seed(s) in which each layer ran in {recipe} at each epoch (1: every "
                         f"seed; 0: the layer stayed in {base}). {privacy_text(g)}.")
@@ -440,6 +444,8 @@ def build_sections(table: pd.DataFrame, *, title: str = "dpquant-sim report") ->
                                  f"(dotted line): low precision pays. {dp}. Mean over seeds; "
                                  f"{seeds_text(pays['n_seeds'])}.")
         fig.add_hline(y=1.0, line_dash="dot")
+        top = float(np.nanmax(long["speedup"] + long["speedup_std"])) if len(long) else 1.0
+        fig.update_yaxes(range=[0, 1.12 * max(top, 1.0)])  # one scale: theoretical and roofline side by side
         table_ = pays.assign(cell=[f"{t:.2f} / {r:.2f}" for t, r in zip(pays["theoretical"], pays["roofline"])])
         wide = table_.pivot_table(index=["clipping", "schedule"], columns="hw", values="cell", aggfunc="first",
                                   sort=False).reset_index()
@@ -467,6 +473,9 @@ def build_sections(table: pd.DataFrame, *, title: str = "dpquant-sim report") ->
             long["metric"] = long["metric"].map({k: v[0] for k, v in COST_METRICS.items()})
             if long["model"].nunique() > 1 or long["dataset"].nunique() > 1:
                 long["schedule"] = long["schedule"] + " / " + long["model"] + "/" + long["dataset"]
+            order = sorted(range(len(long)), key=lambda i: (KIND_ORDER.get(str(long["schedule"].iloc[i]).split()[0],
+                                                                            9), str(long["schedule"].iloc[i])))
+            long = long.iloc[order].reset_index(drop=True)
             units = {v[0]: (v[1], v[2]) for v in COST_METRICS.values()}
             fig = bar_figure(
                 long, x="accelerator", y="value", color="schedule", facet="metric", facet_cols=2, error="std",
