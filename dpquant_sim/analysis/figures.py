@@ -43,7 +43,7 @@ UNIT_SCALES: dict[str, tuple[tuple[float, str], ...]] = {
     "$": ((1.0, "$"), (1e-3, "10\u207b\u00b3 $"), (1e-6, "10\u207b\u2076 $"), (1e-9, "10\u207b\u2079 $")),
     "examples/s": ((1e9, "G examples/s"), (1e6, "M examples/s"), (1e3, "k examples/s"), (1.0, "examples/s")),
 }
-CAPTION_WIDTH = 120  # characters per caption line (about 1100 px at 12 px)
+CAPTION_WIDTH = 115  # characters per caption line (about 800 px at 12 px; figures are at least 980 px wide)
 STATIC_FORMATS = ("png", "svg", "pdf", "jpeg", "webp")
 STATIC_WIDTH = 1150  # px of a static export (the HTML report's figures take the page width)
 

@@ -422,8 +422,8 @@ def build_sections(table: pd.DataFrame, *, title: str = "dpquant-sim report") ->
             fig = heatmap_figure(
                 m, title=f"Layer plan: {sched} ({where})", colorbar_title="share of seeds quantized",
                 x_title="epoch", y_title="layer (module name)",
-                caption=f"Share of the {n} seed(s) in which each layer ran in {recipe} at each epoch (1: every "
-                        f"seed; 0: the layer stayed in {base}). {privacy_text(g)}.")
+                caption=f"Compared: layers and epochs, by the share of the {n} seed(s) in which the layer ran in "
+                        f"{recipe} in that epoch (1: every seed; 0: it stayed in {base}). {privacy_text(g)}.")
             data = m.reset_index().melt(id_vars="layer", var_name="epoch", value_name="share_quantized")
             sections.append(Section(f"Per-epoch layer plan: {sched} ({where})", fig, data,
                                     slug=f"plan_{shown}"))
@@ -561,6 +561,7 @@ table.tbl{border-collapse:collapse;font-size:0.9em}
 table.tbl td,table.tbl th{padding:4px 10px;border-bottom:1px solid #eee;text-align:right}
 table.tbl th{background:#f6f6f6} .meta{color:#666;font-size:0.9em} nav a{margin-right:1em}
 .caption{color:#444;font-size:0.9em;max-width:1100px}
+section{overflow-x:auto} .fig{min-width:980px}
 """
 
 
@@ -577,10 +578,10 @@ def render_html(sections: Sequence[Section], *, title: str, meta: str = "") -> s
         if s.caption:
             part.append(f'<p class="caption">{html.escape(s.caption)}</p>')
         if s.figure is not None:
-            part.append(
-                s.figure.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{anchor}",
-                                 config={"displaylogo": False, "responsive": True})
-            )
+            part.append('<div class="fig">' + s.figure.to_html(
+                full_html=False, include_plotlyjs=False, div_id=f"fig-{anchor}",
+                config={"displaylogo": False, "responsive": True,
+                        "toImageButtonOptions": {"format": "svg", "filename": anchor}}) + "</div>")
         part.append("</section>")
         body.append("\n".join(part))
     return (
@@ -591,6 +592,20 @@ def render_html(sections: Sequence[Section], *, title: str, meta: str = "") -> s
         + "\n".join(body)
         + "</body></html>\n"
     )
+
+
+def _config_delta(run_dir: Path) -> float | None:
+    """The delta a run was configured with (its config.yaml; the TrainConfig default when the file omits it)."""
+    import yaml
+
+    from dpquant_sim.training.config import TrainConfig
+
+    try:
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    v = raw.get("delta", TrainConfig.model_fields["delta"].default)
+    return float(v) if v is not None else None
 
 
 def build_report(
@@ -657,6 +672,9 @@ def build_report(
     else:
         table = load_table(sweep_dir)
     title = title or f"dpquant-sim report: {name}"
+    if "delta" not in table.columns and "point_id" in table.columns:  # captions state delta: from each run's config
+        table = table.assign(delta=table["point_id"].map(
+            {pid: _config_delta(sweep_dir / "runs" / str(pid)) for pid in table["point_id"].unique()}))
     sections = build_sections(table, title=title)
     data_dir = out.with_name(out.stem + "_data")
     for folder in (out.parent, data_dir):  # temporaries of a killed earlier report
