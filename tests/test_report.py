@@ -139,16 +139,16 @@ def test_report_recollect_refuses_an_edited_run(sweep_dir, tmp_path, capsys):
     assert (sweep / "results.csv").read_bytes() == table
 
 
-def test_write_figure_html_and_csv(tmp_path, capsys):
+def test_write_figure_html_and_csv(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "kaleido", None)  # the message path (rendering is tested in a slow test)
     df = pd.DataFrame({"x": np.arange(3), "y": [1.0, 2.0, 4.0]})
     out = write_figure(line_figure(df, x="x", y="y", title="t"), df, tmp_path / "fig", png=True)
     html = out["html"].read_text()
     assert "<html" in html and "Plotly.newPlot" in html and not re.search(r"<script[^>]+src=", html)
     pd.testing.assert_frame_equal(pd.read_csv(out["csv"]), df)
-    try:
-        import kaleido  # noqa: F401
-    except ImportError:
-        assert out["png"] is None and "install kaleido" in capsys.readouterr().out
+    assert out["png"] is None and "install kaleido" in capsys.readouterr().out
 
 
 def _chromium() -> str | None:
@@ -178,7 +178,8 @@ _PROBE = (
     "return {id:gd.id,traces:(gd._fullData||[]).length,svg:gd.querySelectorAll('.main-svg').length,"
     "drawn:gd.querySelectorAll('.cartesianlayer g.trace, .heatmaplayer g.hm').length,"
     "marks:gd.querySelectorAll('.cartesianlayer .point, .heatmaplayer image').length,"
-    "width:gd.getBoundingClientRect().width,"
+    "width:gd.getBoundingClientRect().width,left:gd.getBoundingClientRect().left,"
+    "right:gd.getBoundingClientRect().right,"
     "ticks:Array.prototype.map.call(gd.querySelectorAll('.xtick text, .ytick text'),function(t){return t.textContent}),"
     "boxes:boxes}})}"
     "window.addEventListener('load',function(){setTimeout(function(){var d=document.documentElement;"
@@ -260,6 +261,8 @@ def test_report_renders_every_plot_in_headless_chromium(report_html, sweep_dir, 
         si = [t for t in p["ticks"] if re.search(r"\d\s*[µumkMGTnp]$", t)]
         assert si == [], (p["id"], si)
         assert _overlaps(p["boxes"]) == [], p["id"]
+        cut = [b["text"] for b in p["boxes"] if b["x1"] > p["right"] + 1 or b["x0"] < p["left"] - 1]
+        assert cut == [], (p["id"], cut)  # no title, caption or legend runs off the figure
 
 
 def test_overlap_check_can_fail():
