@@ -67,9 +67,41 @@ def run_demo(out: Path, *, progress: bool = True, **kw: Any) -> tuple[Path, Any]
         pid, err = next(iter(res.failed.items()))
         raise DPQuantError(f"demo run {pid} failed ({len(res.failed)} in all); last lines:\n"
                            + "\n".join(err.strip().splitlines()[-3:]))
-    report = build_report(out, title="dpquant-sim demo: DP-SGD (epsilon 8) on digits, schedules x accelerators")
+    report = build_report(out, title=f"dpquant-sim demo: DP-SGD (epsilon {cfg.base.get('epsilon', 8.0):g}) on "
+                                      f"{cfg.base.get('dataset', 'digits')}, schedules x accelerators")
     head = headline_table(run_summary(res.table), list(cfg.accelerators) if cfg.accelerators != "all" else None)
     return report, head
+
+
+def headline_tables(head: Any, *, title: str, width: int) -> list[Any]:
+    """The headline as rich tables that each fit ``width`` columns: the schedule, accuracy and epsilon columns
+    in every table, the accelerator columns split across as many tables as needed."""
+    from rich.console import Console
+    from rich.measure import Measurement
+    from rich.table import Table
+
+    fixed = [c for c in head.columns if c in ("model", "dataset", "schedule", "accuracy", "epsilon")]
+    accs = [c for c in head.columns if c not in fixed]
+    short = {"accuracy": "acc", "epsilon": "eps"}
+
+    def make(cols: list[str], ttl: str | None) -> Any:
+        t = Table(title=ttl, box=None, padding=(0, 1), header_style="bold")
+        for c in cols:
+            t.add_column(short.get(str(c), str(c)), justify="left" if c == "schedule" else "right", no_wrap=True)
+        for _, row in head[cols].iterrows():
+            t.add_row(*(str(v).replace(" +- ", "±") for v in row))
+        return t
+
+    probe = Console(width=10_000)
+    tables, chunk = [], []
+    for a in accs:
+        t = make(fixed + chunk + [a], None)
+        if chunk and Measurement.get(probe, probe.options, t).maximum > width:
+            tables.append(chunk)
+            chunk = []
+        chunk.append(a)
+    tables.append(chunk)
+    return [make(fixed + ch, title if i == 0 else None) for i, ch in enumerate(tables)]
 
 
 def demo(
@@ -87,25 +119,24 @@ def demo(
 ) -> None:
     """Run the end-to-end demo and print where the report is plus the headline comparison."""
     from rich.console import Console
-    from rich.table import Table
+
+    from dpquant_sim.training.config import TrainConfig
 
     accs = [a.strip() for a in accelerators.split(",") if a.strip()]
     report, head = run_demo(out, progress=not quiet, epochs=epochs, seeds=seeds, recipe=recipe, budget=budget,
                             epsilon=epsilon, model=model, accelerators=accs, workers=workers,
                             n_train=n_train)
-    # borderless, short headers: the table fits an 80-column terminal without truncated cells
-    table = Table(title=f"demo: {model} on digits, DP-SGD epsilon {epsilon:g}, {recipe} recipe, budget {budget:g}",
-                  box=None, padding=(0, 1), header_style="bold")
-    short = {"accuracy": "acc", "epsilon": "eps"}
-    for c in head.columns:
-        table.add_column(short.get(str(c), str(c)), justify="left" if c == "schedule" else "right", no_wrap=True)
-    for row in head.itertuples(index=False):
-        table.add_row(*(str(v) for v in row))
+    # borderless, short headers, "±" without spaces; accelerator columns split over several tables where one
+    # would not fit the terminal (e.g. 80 columns with --seeds 2): no cell is ever cut off
     console = Console()
-    console.print(table)
+    title = (f"demo: {model} on digits, DP-SGD at epsilon {epsilon:g}, delta "
+             f"{TrainConfig.model_fields['delta'].default:g}, {recipe} recipe, "
+             f"budget {budget:g}")
+    for tbl in headline_tables(head, title=title, width=console.width):
+        console.print(tbl)
     console.print("per-accelerator columns: theoretical speedup over the same run in bf16 (peak FLOP ratios, the "
                   "paper's convention); roofline numbers and energy are in the report (dollars too for profiles that set "
-                  "price_per_hour; the shipped ones do not).")
+                  "price_per_hour).")
     console.print(f"report: [bold]{report}[/]")
 
 
