@@ -148,7 +148,7 @@ def test_write_figure_html_and_csv(tmp_path, capsys, monkeypatch):
     html = out["html"].read_text()
     assert "<html" in html and "Plotly.newPlot" in html and not re.search(r"<script[^>]+src=", html)
     pd.testing.assert_frame_equal(pd.read_csv(out["csv"]), df)
-    assert out["png"] is None and "install kaleido" in capsys.readouterr().out
+    assert out["png"] is None and "install kaleido" in capsys.readouterr().err
 
 
 def _chromium() -> str | None:
@@ -411,7 +411,7 @@ def test_static_export_message_without_kaleido(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "kaleido", None)  # import kaleido -> ImportError
     df = pd.DataFrame({"x": [1, 2], "y": [3, 4]})
     assert export_static({tmp_path / "f": line_figure(df, x="x", y="y")}, ["svg", "pdf"]) is None
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("static export (svg, pdf) skipped: kaleido is not installed")
     assert list(tmp_path.iterdir()) == []
 
@@ -432,7 +432,7 @@ def test_static_export_renderer_failure_is_one_line(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(pio, "write_images", broken)
     df = pd.DataFrame({"x": [1, 2], "y": [3, 4]})
     assert export_static({tmp_path / "f": line_figure(df, x="x", y="y")}, ["pdf"]) is None
-    out = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().err.strip().splitlines()
     assert len(out) == 1 and "RuntimeError: Kaleido requires Google Chrome" in out[0] and "Traceback" not in out[0]
     assert list(tmp_path.iterdir()) == []  # no temporaries left
 

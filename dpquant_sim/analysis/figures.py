@@ -12,6 +12,7 @@ with the CSV of the data it draws beside it, plus optional PNG export.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -183,7 +184,7 @@ def export_static(figs: dict[Path, Any], formats: Sequence[str], *, scale: float
     why = static_export_unavailable()
     what = ", ".join(formats)
     if why is not None:
-        print(f"static export ({what}) skipped: {why}; {_INSTALL_HINT}")
+        print(f"static export ({what}) skipped: {why}; {_INSTALL_HINT}", file=sys.stderr)
         return None
     import plotly.io as pio
 
@@ -203,7 +204,7 @@ def export_static(figs: dict[Path, Any], formats: Sequence[str], *, scale: float
                          height=[int(f.layout.height or 500) for f, _, _ in jobs])
     except Exception as e:  # kaleido present but no browser, or another renderer failure
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"static export ({what}) skipped: {type(e).__name__}: {first[:200]}; {_INSTALL_HINT}")
+        print(f"static export ({what}) skipped: {type(e).__name__}: {first[:200]}; {_INSTALL_HINT}", file=sys.stderr)
         for p in tmp:
             p.unlink(missing_ok=True)
         return None
