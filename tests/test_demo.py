@@ -45,7 +45,8 @@ def test_demo_headline_fits_the_terminal_with_seeds(width):
 
     head = pd.DataFrame({"schedule": ["fp32", "static-all fp4", "random b=0.5 fp4", "dpquant b=0.5 fp4"],
                          "accuracy": ["0.905 +- 0.012", "0.914 +- 0.003", "0.903 +- 0.010", "0.880 +- 0.021"],
-                         "epsilon": ["7.99"] * 4, **{a: ["1.21x", "1.40x", "10.00x", "0.96x"] for a in DEMO_ACCELERATORS}})
+                         "epsilon": ["7.99"] * 4,
+                         **{a: ["1.21x", "1.40x", "10.00x", "0.96x"] for a in DEMO_ACCELERATORS}})
     buf = io.StringIO()
     console = Console(file=buf, width=width, color_system=None)
     for t in headline_tables(head, title="demo: cnn on digits", width=width):

@@ -172,7 +172,8 @@ _PROBE = (
     "function __plots(){return Array.prototype.map.call(document.querySelectorAll('.js-plotly-plot'),function(gd){"
     "var boxes=[];gd.querySelectorAll('.gtitle').forEach(function(e){boxes.push(__box(e,'title'))});"
     "gd.querySelectorAll('g[class^=\"g-x\"],g[class^=\"g-y\"]').forEach(function(g){"
-    "if(/title$/.test(g.getAttribute('class'))){var t=g.querySelector('text');if(t)boxes.push(__box(t,'axis title'))}});"
+    "if(/title$/.test(g.getAttribute('class'))){var t=g.querySelector('text');"
+    "if(t)boxes.push(__box(t,'axis title'))}});"
     "gd.querySelectorAll('g.annotation').forEach(function(e){boxes.push(__box(e,'annotation'))});"
     "gd.querySelectorAll('g.legend').forEach(function(e){boxes.push(__box(e,'legend'))});"
     "return {id:gd.id,traces:(gd._fullData||[]).length,svg:gd.querySelectorAll('.main-svg').length,"
@@ -215,7 +216,8 @@ def _load_in_chromium(html_path, tmp_path):
     return proc.stdout, errors
 
 
-_NO_CHROMIUM = "no Chromium/Chrome on PATH: install it (apt-get install chromium; .ci/run tries) to run the headless report test"
+_NO_CHROMIUM = ("no Chromium/Chrome on PATH: install it (apt-get install chromium; .ci/run tries) to run the headless "
+                "report test")
 
 
 @pytest.mark.skipif(_chromium() is None, reason=_NO_CHROMIUM)
@@ -398,7 +400,8 @@ def test_pareto_has_marker_shape_legend_and_seed_error_bars(sweep_dir):
     s = {x.slug: x for x in build_sections(t)}["pareto_theoretical_digits"]
     bars = [v for tr in s.figure.data if tr.error_y is not None and tr.error_y.array is not None
             for v in tr.error_y.array]
-    n_points = sum(len(tr.x) for tr in s.figure.data if tr.mode == "markers" and tr.x is not None and tr.x[0] is not None)
+    n_points = sum(len(tr.x) for tr in s.figure.data
+                   if tr.mode == "markers" and tr.x is not None and tr.x[0] is not None)
     assert len(bars) == n_points > 0 and np.allclose(bars, 0.02 / np.sqrt(2))
     assert "error bars: std over 2 seeds" in s.figure.layout.meta["caption"]
 

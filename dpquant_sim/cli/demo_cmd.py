@@ -135,8 +135,8 @@ def demo(
     for tbl in headline_tables(head, title=title, width=console.width):
         console.print(tbl)
     console.print("per-accelerator columns: theoretical speedup over the same run in bf16 (peak FLOP ratios, the "
-                  "paper's convention); roofline numbers and energy are in the report (dollars too for profiles that set "
-                  "price_per_hour).")
+                  "paper's convention); roofline numbers and energy are in the report (dollars too for profiles "
+                  "that set price_per_hour).")
     console.print(f"report: [bold]{report}[/]")
 
 
