@@ -85,8 +85,10 @@ def finish_layout(fig: Any, *, title: str, caption: str = "", height: int, subpl
     panel titles below them), plain tick labels (no SI suffixes) and the template. The caption is also kept in
     ``fig.layout.meta['caption']`` for static exports and tests."""
     lines = wrap_caption(caption)
-    text = f"<b>{title}</b>" + "".join(f"<br><span style='font-size:12px'>{ln}</span>" for ln in lines)
-    top = 40 + 17 * len(lines) + (34 if subplot_titles else 14)
+    heads = wrap_caption(title, 95) or [""]  # long titles wrap too (15 px bold: about 95 characters a line)
+    text = "<br>".join(f"<b>{h}</b>" for h in heads) + "".join(
+        f"<br><span style='font-size:12px'>{ln}</span>" for ln in lines)
+    top = 40 + 20 * (len(heads) - 1) + 17 * len(lines) + (34 if subplot_titles else 14)
     fig.update_layout(
         title={"text": text, "x": 0.01, "xanchor": "left", "yref": "container",
                "y": 1.0 - 12.0 / (height + top), "yanchor": "top", "font": {"size": 15}},
