@@ -409,7 +409,7 @@ def line_figure(
                 dash = _DASHES[i % len(_DASHES)]
                 # Earlier series drawn larger and wider: where series coincide, the later (smaller) markers sit
                 # inside the earlier ones and every one stays visible.
-                marker = {"symbol": _LINE_SYMBOLS[i % len(_LINE_SYMBOLS)], "size": 14 - 3 * (i % 4)}
+                marker = {"symbol": _LINE_SYMBOLS[i % len(_LINE_SYMBOLS)], "size": 12 - 2 * (i % 4)}
             else:
                 # Variants of one schedule kind share its colour and differ by dash.
                 head = name.split(" ", 1)[0]
@@ -419,7 +419,7 @@ def line_figure(
                 go.Scatter(
                     x=g[x], y=g[y], mode="lines+markers", name=name, legendgroup=name,
                     showlegend=name not in shown, line={"color": color_for(name), "dash": dash,
-                                                        "width": 4.0 - 0.8 * (all_names.index(name) % 4)
+                                                        "width": 3.0 - 0.5 * (all_names.index(name) % 4)
                                                         if distinct and name in all_names else 2},
                     marker=marker, error_y=_err(error, g),
                 ),

@@ -400,7 +400,7 @@ def build_sections(table: pd.DataFrame, *, title: str = "dpquant-sim report") ->
                 ((spread.max() - spread.min()) <= 0.005 * spread.max().abs().clip(lower=1e-12)).all()):
             cap += f" (here all {agg['series'].nunique()} schedules agree within 0.5% at every epoch)"
         fig = line_figure(agg, x="epoch", y=f"{metric}_mean", error=f"{metric}_std", color="series", facet=facet,
-                          title=ttl, y_title=ytitle, x_title="epoch (completed passes over the data)",
+                          title=ttl, y_title=ytitle, x_title="epoch",
                           caption=f"{cap}. {dp}; {seeds_text(agg['n_seeds'])}.", distinct=True)
         sections.append(Section(ttl, fig, agg, slug=f"{metric}_vs_epoch"))
 
