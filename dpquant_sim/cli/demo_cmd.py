@@ -129,9 +129,8 @@ def demo(
     # borderless, short headers, "±" without spaces; accelerator columns split over several tables where one
     # would not fit the terminal (e.g. 80 columns with --seeds 2): no cell is ever cut off
     console = Console()
-    title = (f"demo: {model} on digits, DP-SGD at epsilon {epsilon:g}, delta "
-             f"{TrainConfig.model_fields['delta'].default:g}, {recipe} recipe, "
-             f"budget {budget:g}")
+    title = (f"demo: {model}/digits, DP-SGD epsilon={epsilon:g} delta={TrainConfig.model_fields['delta'].default:g}, "
+             f"{recipe}, budget {budget:g}")
     for tbl in headline_tables(head, title=title, width=console.width):
         console.print(tbl)
     console.print("per-accelerator columns: theoretical speedup over the same run in bf16 (peak FLOP ratios, the "
