@@ -3,6 +3,7 @@ Chromium (where installed) loads it without console errors."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -276,11 +277,16 @@ def test_overlap_check_can_fail():
 
 # ------------------------------------------------------------------------------ labelling for papers
 def _figures(sweep_dir, accelerators=None):
+    return _figures_cached(str(sweep_dir), tuple(accelerators) if accelerators else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _figures_cached(sweep_dir, accelerators):
     from dpquant_sim.analysis.report import build_sections
     from dpquant_sim.sweep.collect import collect_sweep, load_table
 
     table = load_table(sweep_dir) if accelerators is None else collect_sweep(
-        sweep_dir, accelerators=accelerators, write=False)
+        sweep_dir, accelerators=list(accelerators), write=False)
     table["delta"] = 1e-5  # what the engine writes; the fake points' metrics.csv lack it (build_report fills it)
     return build_sections(table)
 
