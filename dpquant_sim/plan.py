@@ -23,7 +23,9 @@ class EpochPlan:
         epoch: 0-based epoch index.
         quantized: layer name -> recipe name (see ``dpquant_sim.nn.config.RECIPES``) for layers in low precision.
         scores: optional per-layer scores the schedule used (e.g. dpquant's noisy sensitivity estimates).
-        probs: optional per-layer selection probabilities.
+        probs: optional per-layer probability that the layer is quantized this epoch (its inclusion
+            probability in the epoch's draw); a schedule's own sampling weights, when they differ (dpquant's
+            softmax pi), go under ``info``.
         quantized_flop_share: share (0..1) of quantizable GEMM FLOPs that runs quantized under this plan.
         info: free-form extra facts for the log (e.g. estimator epsilon), JSON-serialisable.
     """

@@ -44,7 +44,9 @@ def demo_config(
             "name": "demo",
             "base": base,
             "grid": {
-                "schedule": [{"kind": "fp32"}, {"kind": "static-all"}, {"kind": "random"}, {"kind": "dpquant"}],
+                # both budgeted schedules count layers (dpquant's paper sampler draws round(budget x n) of them)
+                "schedule": [{"kind": "fp32"}, {"kind": "static-all"}, {"kind": "random", "budget_unit": "layers"},
+                             {"kind": "dpquant"}],
                 "budget": [budget],
                 "seed": list(range(seeds)),
             },
@@ -109,7 +111,7 @@ def demo(
     epochs: int = typer.Option(6, min=1, help="training epochs per run"),
     seeds: int = typer.Option(1, min=1, help="seeds per schedule (mean +- std in the report)"),
     recipe: str = typer.Option("fp4", help="quantization recipe (fp8, fp6, fp4, mxfp4, nvfp4, int8, ...)"),
-    budget: float = typer.Option(0.5, help="quantized FLOP share for random and dpquant (0, 1]"),
+    budget: float = typer.Option(0.5, help="quantized share of layers for random and dpquant (0, 1]"),
     epsilon: float = typer.Option(8.0, help="target epsilon (delta 1e-5)"),
     model: str = typer.Option("cnn", help="mlp, cnn, resnet18, ..."),
     accelerators: str = typer.Option(",".join(DEMO_ACCELERATORS), help="comma-separated profile names"),

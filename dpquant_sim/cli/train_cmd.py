@@ -37,15 +37,19 @@ def build_config(config: Optional[Path], flags: dict[str, Any], schedule_opts: d
 
     data: dict[str, Any] = {}
     if config is not None:
-        data = TrainConfig.from_yaml(config).model_dump(mode="json", exclude_unset=False)
+        # Only what the file sets: a --preset given here still fills what neither names.
+        data = TrainConfig.from_yaml(config).model_dump(mode="json", exclude_unset=True)
     for k, v in flags.items():
         if v is not None:
             data[k] = v
-    sched = dict(data.get("schedule") or {"kind": "fp32"})
+    sched = dict(data.get("schedule") or {})
     if flags.get("_schedule") is not None and flags["_schedule"] != sched.get("kind"):
         sched = {"kind": flags["_schedule"]}
     sched.update(schedule_opts)
-    data["schedule"] = sched
+    if sched and "kind" not in sched:  # schedule options without a schedule: the preset's or fp32's
+        sched["kind"] = "dpquant" if data.get("preset") == "paper" else "fp32"
+    if sched:
+        data["schedule"] = sched
     data.pop("_schedule", None)
     for key, extra in (("prune", prune), ("drop", drop)):
         if extra:
@@ -121,18 +125,28 @@ def register(app: typer.Typer) -> None:
         budget: Optional[float] = typer.Option(None, help="Expected quantized share per epoch in (0, 1] (of GEMM "
                                                "FLOPs, or of layers with --budget-unit layers); for "
                                                "static-subset, random, dpquant."),
-        budget_unit: Optional[str] = typer.Option(None, help="flops | layers (default flops)."),
+        budget_unit: Optional[str] = typer.Option(None, help="flops | layers (default flops; layers for dpquant, "
+                                                  "whose paper sampler draws round(budget x n) layers)."),
         schedule_opt: Optional[list[str]] = typer.Option(None, "--schedule-opt", help="Extra schedule field "
-                                                         "KEY=VALUE (repeatable), e.g. temperature=0.5, "
+                                                         "KEY=VALUE (repeatable), e.g. beta=50, "
                                                          "interval=2, noise_multiplier=2."),
         prune_sparsity: Optional[float] = typer.Option(None, help="Pre-prune this share of weights, [0, 1)."),
-        prune_method: Optional[str] = typer.Option(None, help="random | magnitude | snip-free."),
+        prune_method: Optional[str] = typer.Option(None, help="random | magnitude | synflow (data-free) | "
+                                                   "snip-public (needs --public-fraction)."),
         prune_structure: Optional[str] = typer.Option(None, help="unstructured | channel."),
         drop_keep: Optional[float] = typer.Option(None, help="Gradient dropping: share of coordinates kept per "
                                                   "step, (0, 1]."),
         drop_method: Optional[str] = typer.Option(None, help="random | magnitude (gradient dropping)."),
+        public_fraction: Optional[float] = typer.Option(None, help="Hold out this share of the training set, "
+                                                        "[0, 1), as a declared public split: never used by "
+                                                        "DP-SGD (n_train and the sample rate count the rest); "
+                                                        "only data-dependent pruning reads it (default 0)."),
         eval_quantized: Optional[bool] = typer.Option(None, "--eval-quantized/--eval-fp32",
                                                       help="Evaluate with the epoch's plan, or in fp32 (default)."),
+        preset: Optional[str] = typer.Option(None, help="paper: the DPQuant paper's method in one word (luq_fp4, "
+                                             "dpquant with the paper's sampler and training estimator, budgets "
+                                             "in layers, random static subsets); flags given here override it "
+                                             "(docs/fidelity.md)."),
         seed: Optional[int] = typer.Option(None, help="Run seed, >= 0: init, sampling, noise, rounding, "
                                            "schedule (default 0)."),
         data_seed: Optional[int] = typer.Option(None, help="Seed of the data split / synthetic data (default 0)."),
@@ -152,8 +166,9 @@ def register(app: typer.Typer) -> None:
                      epsilon=epsilon, noise_multiplier=noise_multiplier, delta=delta, max_grad_norm=max_grad_norm,
                      accountant=accountant, clipping=clipping, secure_noise=secure_noise or None,
                      release_train_loss=release_train_loss or None,
-                     recipe=quantize, eval_quantized=eval_quantized, seed=seed,
-                     data_seed=data_seed, threads=threads, device=device, _schedule=schedule)
+                     recipe=quantize, eval_quantized=eval_quantized, seed=seed, preset=preset,
+                     data_seed=data_seed, threads=threads, device=device, _schedule=schedule,
+                     public_fraction=public_fraction)
         sopts = _parse_opts(schedule_opt, "--schedule-opt")
         if budget is not None:
             sopts["budget"] = budget

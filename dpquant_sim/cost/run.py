@@ -4,7 +4,9 @@ The run directory (written by the training engine) holds ``run_info.json`` (mode
 n_train, batch_size, sample_rate, steps_per_epoch, ...), ``config.yaml`` and ``metrics.csv`` with one row per
 epoch and the epoch's :class:`~dpquant_sim.plan.EpochPlan` as JSON in the ``plan`` column. The model is
 rebuilt from its name (no weights are read) and traced once; all epochs x accelerators are evaluated with
-the vectorized sweep. Under a ``dpquant`` schedule the sensitivity estimator's forward passes are added as
+the vectorized sweep. A channel-pruned run (run_info.json ``prune.kept_channel_fraction``) is costed with its
+pruned layers' smaller GEMMs (:func:`pruned_shapes`). Under a ``dpquant`` schedule the sensitivity
+estimator's forward passes are added as
 T_est (every ``interval`` epochs: a Poisson sample of ``sample_rate * n_train`` examples, L + 1 forwards).
 
 The run is costed under the clipping algorithm it used (run_info.json's ``clipping``), or under others on
@@ -106,6 +108,26 @@ def build_shapes(model: str, input_shape: Sequence[int], num_classes: int):
     else:
         m = build_model(model, in_channels=input_shape[0], num_classes=int(num_classes), image_size=input_shape[-1])
     return trace_layers(m, input_shape)
+
+
+def pruned_shapes(shapes, kept_channel_fraction: dict[str, float]):
+    """``shapes`` with channel pruning applied (run_info.json's ``prune.kept_channel_fraction``): a GEMM layer
+    that keeps a share f < 1 of its output channels computes round(f x N) of them (its GEMM's N, its output
+    and weight shapes and its parameters shrink). Conservative: every other layer is unchanged (the next
+    layer's input channels are not removed: after a normalisation layer a pruned channel is not zero)."""
+    import dataclasses
+
+    out = []
+    for s in shapes:
+        f = float(kept_channel_fraction.get(s.name, 1.0))
+        if s.is_gemm and f < 1.0:
+            m, k, n = s.gemm_mnk
+            n2 = max(1, int(round(f * n)))
+            w = (n2, *s.weight_shape[1:])
+            s = dataclasses.replace(s, gemm_mnk=(m, k, n2), out_shape=(n2, *s.out_shape[1:]), weight_shape=w,
+                                    params=math.prod(w) + (n2 if s.has_bias else 0))
+        out.append(s)
+    return out
 
 
 def estimator_forward_s(shapes, profile: HardwareProfile, examples: float, *,
@@ -220,6 +242,9 @@ def cost_run(run_dir: str | Path, profiles: Iterable[str | HardwareProfile] | No
             else:
                 raise ConfigError("hw", p, tuple(known))
     shapes = build_shapes(info["model"], info["input_shape"], info["num_classes"])
+    kept = (info.get("prune") or {}).get("kept_channel_fraction") or {}
+    if any(float(v) < 1.0 for v in kept.values()):  # channel-pruned run: its smaller GEMMs (speedups below are
+        shapes = pruned_shapes(shapes, kept)        # vs the PRUNED model in fp32/bf16; compare runs' times)
     batch = float(info.get("batch_size") or info["sample_rate"] * info["n_train"])
     dp = bool(cfg.get("private", info.get("private", True)))
     opt = _optimizer(cfg)

@@ -30,8 +30,11 @@ How one run goes:
 4. Each epoch: ``schedule.plan(ctx)`` -> ``nn.apply_plan`` -> train -> evaluate (fp32 by default, or with
    the plan: ``eval_quantized``) -> append a metrics row -> write the checkpoint atomically.
    Optional pre-pruning / gradient dropping (``config.prune`` / ``config.drop``) use
-   ``dpquant_sim.schedules.prune_drop``; masks are applied before clipping and noise only goes on kept
-   coordinates (``optim.MaskedDPOptimizer``).
+   ``dpquant_sim.schedules.prune_drop``; masks are applied before clipping, noise only goes on kept
+   coordinates, and masked coordinates do not move (weights and optimizer state; ``optim.MaskedDPOptimizer``).
+   With ``public_fraction`` > 0 a seeded share of the training set is held out as a declared public split
+   before anything else reads the data (``_split_public``): n_train, q and every private mechanism use the
+   rest; only data-dependent pruning (``snip-public``) reads it; run_info.json records it.
 5. Non-private runs (``private=False``) take the same path without the GradSampleModule, clipping and noise;
    epsilon is reported as inf.
 
@@ -203,7 +206,48 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return loss_sum / n, correct / n
 
 
-def _prune_drop(cfg: TrainConfig, model: nn.Module, seed: int, input_shape):
+PUBLIC_SPLIT_TAG = 0x9B11C  # mixed with cfg.seed: the public hold-out has its own stream, the others are unchanged
+
+
+def _split_public(cfg: TrainConfig, data):
+    """(private bundle, public (x, y) or None, run_info record or None).
+
+    ``public_fraction`` F > 0: round(F x n) training examples, drawn by a permutation seeded from
+    (seed, PUBLIC_SPLIT_TAG), are declared public and removed from the training set; DP-SGD, its sample rate
+    (q = batch_size / n_private) and every other private mechanism see only the rest.
+    """
+    if cfg.public_fraction <= 0:
+        return data, None, None
+    import dataclasses
+
+    from torch.utils.data import TensorDataset
+
+    x, y = data.train.tensors
+    n = len(y)
+    n_pub = int(math.floor(cfg.public_fraction * n + 0.5))
+    if n_pub < 1 or n - n_pub < 1:
+        raise ConfigError("public_fraction", cfg.public_fraction,
+                          f"a share of the {n} training examples that leaves at least one public and one private")
+    ss = np.random.SeedSequence([int(cfg.seed), PUBLIC_SPLIT_TAG])
+    g = torch.Generator().manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0] >> 1))
+    perm = torch.randperm(n, generator=g)
+    pub, priv = perm[:n_pub].sort().values, perm[n_pub:].sort().values
+    private = dataclasses.replace(data, train=TensorDataset(x[priv], y[priv]))
+    info = {"fraction": cfg.public_fraction, "n_loaded": n, "n_public": n_pub, "n_private": n - n_pub,
+            "selected_by": f"permutation seeded from (seed={cfg.seed}, {PUBLIC_SPLIT_TAG:#x})",
+            "used_by": (f"prune.method={cfg.prune.method}" if cfg.prune is not None and
+                        cfg.prune.method in _data_dependent_prune_methods() else "nothing (held out only)"),
+            "indices": pub.tolist()}
+    return private, (x[pub], y[pub]), info
+
+
+def _data_dependent_prune_methods() -> tuple[str, ...]:
+    from dpquant_sim.schedules.configs import DATA_DEPENDENT_PRUNE_METHODS
+
+    return DATA_DEPENDENT_PRUNE_METHODS
+
+
+def _prune_drop(cfg: TrainConfig, model: nn.Module, seed: int, input_shape, public=None):
     if cfg.prune is None and cfg.drop is None:
         return None, None
     try:
@@ -212,7 +256,7 @@ def _prune_drop(cfg: TrainConfig, model: nn.Module, seed: int, input_shape):
         raise NotImplementedError(
             "config.prune / config.drop need dpquant_sim.schedules.prune_drop (apply_pruning, GradDropper), "
             "which is not available in this tree yet") from None
-    prune_state = (prune_drop.apply_pruning(model, cfg.prune, seed, input_shape=input_shape)
+    prune_state = (prune_drop.apply_pruning(model, cfg.prune, seed, input_shape=input_shape, public=public)
                    if cfg.prune is not None else None)
     dropper = prune_drop.GradDropper(cfg.drop, seed) if cfg.drop is not None else None
     return prune_state, dropper
@@ -252,7 +296,8 @@ class _Run:
         self.device = torch.device(cfg.device)
         seeds = _seeds(cfg.seed, secure=cfg.secure_noise)
 
-        self.data = _load_data(cfg)
+        # the private training set: what a public split (public_fraction) leaves; n is its size
+        self.data, self.public, self.public_info = _split_public(cfg, _load_data(cfg))
         n = self.data.n_train
         if cfg.batch_size > n:
             raise ConfigError("batch_size", cfg.batch_size, f"at most the training set size {n}")
@@ -264,7 +309,8 @@ class _Run:
         self.model = model  # the plain (converted) model; plans and checkpoints use its names
         self.layer_shapes = gemm_layers(model, self.data.input_shape)
         self.layers = [LayerInfo(s.name, s.forward_flops) for s in self.layer_shapes]
-        self.prune_state, self.dropper = _prune_drop(cfg, model, cfg.seed, self.data.input_shape)
+        public = tuple(t.to(self.device) for t in self.public) if self.public is not None else None
+        self.prune_state, self.dropper = _prune_drop(cfg, model, cfg.seed, self.data.input_shape, public)
 
         # sampling, steps, noise
         self.q = cfg.batch_size / n
@@ -481,6 +527,12 @@ class _Run:
                  "weight_shape": list(s.weight_shape or ()), "in_shape": list(s.in_shape),
                  "out_shape": list(s.out_shape)} for s in self.layer_shapes],
             "dataset_info": d.info or {},
+            "public_split": self.public_info,
+            "prune": None if self.prune_state is None else {
+                "method": self.prune_state.cfg.method, "structure": self.prune_state.cfg.structure,
+                "sparsity": self.prune_state.cfg.sparsity, "density": self.prune_state.density,
+                "kept_channel_fraction": self.prune_state.kept_channel_fraction,
+                "kept_gemm_flop_share": self.prune_state.kept_flop_share(self.layers)},
         }
 
 
