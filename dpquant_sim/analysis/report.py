@@ -291,8 +291,8 @@ def headline_html(summary: pd.DataFrame, table: pd.DataFrame) -> tuple[str, str]
     shown["final test accuracy" + (" (mean ± std)" if multi else "")] = [
         v.replace(" +- ", " ± ") for v in head["accuracy"]]
     caption = (
-        f"Columns. schedule: which layers run in low precision (kind; b = budget, the share of the quantized "
-        f"FLOPs; recipe, e.g. fp4); fp32 = no layer quantized. final test accuracy: after the last epoch, as a "
+        f"Columns. schedule: which layers run in low precision (kind; b = budget, the quantized share of the "
+        f"FLOPs or of the layers, per the schedule's budget_unit; recipe, e.g. fp4); fp32 = no layer quantized. final test accuracy: after the last epoch, as a "
         f"fraction, {'mean ± std over ' + seeds + ' seeds' if multi else 'one seed'}. ε spent: privacy spent "
         f"by the whole run (DP-SGD accountant plus the DPQuant estimator's share) at δ = {delta}; "
         f"{privacy_text(table)}. One column per accelerator: theoretical whole-run speedup (peak-FLOP ratios, "
