@@ -75,35 +75,13 @@ def run_demo(out: Path, *, progress: bool = True, **kw: Any) -> tuple[Path, Any]
     return report, head
 
 
-def headline_tables(head: Any, *, title: str, width: int) -> list[Any]:
-    """The headline as rich tables that each fit ``width`` columns: the schedule, accuracy and epsilon columns
-    in every table, the accelerator columns split across as many tables as needed."""
-    from rich.console import Console
-    from rich.measure import Measurement
-    from rich.table import Table
+def _demo_flags():
+    from dpquant_sim.cli.vocab import FlagNames
 
-    fixed = [c for c in head.columns if c in ("model", "dataset", "schedule", "accuracy", "epsilon")]
-    accs = [c for c in head.columns if c not in fixed]
-    short = {"accuracy": "acc", "epsilon": "eps"}
-
-    def make(cols: list[str], ttl: str | None) -> Any:
-        t = Table(title=ttl, box=None, padding=(0, 1), header_style="bold")
-        for c in cols:
-            t.add_column(short.get(str(c), str(c)), justify="left" if c == "schedule" else "right", no_wrap=True)
-        for _, row in head[cols].iterrows():
-            t.add_row(*(str(v).replace(" +- ", "±") for v in row))
-        return t
-
-    probe = Console(width=10_000)
-    tables, chunk = [], []
-    for a in accs:
-        t = make(fixed + chunk + [a], None)
-        if chunk and Measurement.get(probe, probe.options, t).maximum > width:
-            tables.append(chunk)
-            chunk = []
-        chunk.append(a)
-    tables.append(chunk)
-    return [make(fixed + ch, title if i == 0 else None) for i, ch in enumerate(tables)]
+    # config fields (as the demo's sweep names them) -> the demo's flags, so errors name the flag
+    return FlagNames({"recipe": "--recipe", "schedule.budget": "--budget", "budget": "--budget",
+                      "epsilon": "--epsilon", "model": "--model", "epochs": "--epochs", "n_train": "--n-train",
+                      "accelerators": "--accelerators", "workers": "--workers", "executor.workers": "--workers"})
 
 
 def demo(
@@ -122,19 +100,26 @@ def demo(
     """Run the end-to-end demo and print where the report is plus the headline comparison."""
     from rich.console import Console
 
-    from dpquant_sim.training.config import TrainConfig
+    from dpquant_sim.cli.tables import print_fitting
+    from dpquant_sim.cli.vocab import rename_config_errors
 
     accs = [a.strip() for a in accelerators.split(",") if a.strip()]
-    report, head = run_demo(out, progress=not quiet, epochs=epochs, seeds=seeds, recipe=recipe, budget=budget,
-                            epsilon=epsilon, model=model, accelerators=accs, workers=workers,
-                            n_train=n_train)
-    # borderless, short headers, "±" without spaces; accelerator columns split over several tables where one
-    # would not fit the terminal (e.g. 80 columns with --seeds 2): no cell is ever cut off
+    report, head = rename_config_errors(
+        _demo_flags(), run_demo, out, progress=not quiet, epochs=epochs, seeds=seeds, recipe=recipe, budget=budget,
+        epsilon=epsilon, model=model, accelerators=accs, workers=workers, n_train=n_train)
+    # borderless, short headers; columns that would not fit the terminal go to a continuation table (with the
+    # schedule repeated), so no cell is cut off at 80 columns
+    short = {"accuracy": "acc", "epsilon": "eps"}
     console = Console()
-    title = (f"demo: {model}/digits, DP-SGD epsilon={epsilon:g} delta={TrainConfig.model_fields['delta'].default:g}, "
-             f"{recipe}, budget {budget:g}")
-    for tbl in headline_tables(head, title=title, width=console.width):
-        console.print(tbl)
+    from dpquant_sim.training.config import TrainConfig
+
+    delta = TrainConfig.model_fields["delta"].default
+    print_fitting(console, f"demo: {model} on digits, DP-SGD epsilon {epsilon:g} delta {delta:g}, {recipe}, "
+                           f"budget {budget:g}",
+                  [short.get(str(c), str(c)) for c in head.columns],
+                  [[str(v) for v in row] for row in head.itertuples(index=False)],
+                  fixed=list(head.columns).index("schedule") + 1 if "schedule" in head.columns else 1,
+                  left=("schedule", "model", "dataset"))
     console.print("per-accelerator columns: theoretical speedup over the same run in bf16 (peak FLOP ratios, the "
                   "paper's convention); roofline numbers and energy are in the report (dollars too for profiles "
                   "that set price_per_hour).")

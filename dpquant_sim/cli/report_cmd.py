@@ -24,13 +24,16 @@ def report(
         "pdf, jpeg, webp, into <stem>_data/ beside its CSV (needs kaleido and a Chrome/Chromium; where they are "
         "missing one line says so and the HTML report is still written)"),
     clipping: Optional[str] = typer.Option(
-        None, "--clipping", "--dp-algorithm", help="DP clipping algorithm(s) to cost every private run under: "
+        None, "--clipping", help="DP clipping algorithm(s) to cost every private run under: "
         "hooks, ghost, bk, mixed, comma-separated, or 'all' (default: the sweep's cost_clipping, else each run's "
         "own); a re-costed table goes beside the report like --accelerators"),
+    clipping_old: Optional[str] = typer.Option(None, "--dp-algorithm", hidden=True, help="old name of --clipping"),
 ) -> None:
     """Write the HTML report (Pareto frontiers, accuracy and epsilon per epoch, layer plans, cost)."""
     from dpquant_sim.analysis.report import build_report
+    from dpquant_sim.cli.vocab import merge_alias
 
+    clipping = merge_alias(clipping, clipping_old, new="--clipping", old="--dp-algorithm")
     accs = None
     if accelerators:
         accs = "all" if accelerators == "all" else [a.strip() for a in accelerators.split(",") if a.strip()]

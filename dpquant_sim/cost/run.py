@@ -1,4 +1,4 @@
-"""Cost of a finished training run: per epoch and per accelerator, from run_info.json + metrics.csv plans.
+"""Cost of a finished training run: per epoch and per accelerator, from run_info.json, metrics.csv and plans.jsonl.
 
 The run directory (written by the training engine) holds ``run_info.json`` (model, input_shape, num_classes,
 n_train, batch_size, sample_rate, steps_per_epoch, ...), ``config.yaml`` and ``metrics.csv`` with one row per
@@ -48,9 +48,11 @@ def _read_run(run_dir: Path) -> tuple[dict, dict, pd.DataFrame]:
     cfg = {}
     if (run_dir / "config.yaml").is_file():
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    metrics = pd.read_csv(run_dir / "metrics.csv")
-    if "plan" not in metrics.columns:
-        raise ConfigError("run", str(run_dir), "metrics.csv with a 'plan' column (EpochPlan JSON per epoch)")
+    from dpquant_sim.plan import PLANS_FILE, read_metrics
+
+    metrics = read_metrics(run_dir)
+    if "plan" not in metrics.columns or (len(metrics) and metrics["plan"].isna().all()):
+        raise ConfigError("run", str(run_dir), f"a run directory with {PLANS_FILE} (each epoch's plan)")
     return info, cfg, metrics
 
 
@@ -141,7 +143,7 @@ def estimator_forward_s(shapes, profile: HardwareProfile, examples: float, *,
 
 
 def run_plans(run_dir: str | Path) -> list[EpochPlan]:
-    """Every epoch's EpochPlan of a finished run (metrics.csv)."""
+    """Every epoch's EpochPlan of a finished run (plans.jsonl, joined to metrics.csv on epoch)."""
     _, _, metrics = _read_run(Path(run_dir))
     return [EpochPlan.from_json(s) if isinstance(s, str) and s.strip() else EpochPlan(epoch=i)
             for i, s in enumerate(metrics["plan"])]
