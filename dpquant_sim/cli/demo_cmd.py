@@ -69,7 +69,8 @@ def run_demo(out: Path, *, progress: bool = True, **kw: Any) -> tuple[Path, Any]
         pid, err = next(iter(res.failed.items()))
         raise DPQuantError(f"demo run {pid} failed ({len(res.failed)} in all); last lines:\n"
                            + "\n".join(err.strip().splitlines()[-3:]))
-    report = build_report(out, title="dpquant-sim demo: DP-SGD (epsilon 8) on digits, schedules x accelerators")
+    report = build_report(out, title=f"dpquant-sim demo: DP-SGD (epsilon {cfg.base.get('epsilon', 8.0):g}) on "
+                                      f"{cfg.base.get('dataset', 'digits')}, schedules x accelerators")
     head = headline_table(run_summary(res.table), list(cfg.accelerators) if cfg.accelerators != "all" else None)
     return report, head
 
@@ -110,14 +111,18 @@ def demo(
     # schedule repeated), so no cell is cut off at 80 columns
     short = {"accuracy": "acc", "epsilon": "eps"}
     console = Console()
-    print_fitting(console, f"demo: {model} on digits, DP-SGD epsilon {epsilon:g}, {recipe} recipe, budget {budget:g}",
+    from dpquant_sim.training.config import TrainConfig
+
+    delta = TrainConfig.model_fields["delta"].default
+    print_fitting(console, f"demo: {model} on digits, DP-SGD epsilon {epsilon:g} delta {delta:g}, {recipe}, "
+                           f"budget {budget:g}",
                   [short.get(str(c), str(c)) for c in head.columns],
                   [[str(v) for v in row] for row in head.itertuples(index=False)],
                   fixed=list(head.columns).index("schedule") + 1 if "schedule" in head.columns else 1,
                   left=("schedule", "model", "dataset"))
     console.print("per-accelerator columns: theoretical speedup over the same run in bf16 (peak FLOP ratios, the "
-                  "paper's convention); roofline numbers and energy are in the report (dollars too for profiles that set "
-                  "price_per_hour; the shipped ones do not).")
+                  "paper's convention); roofline numbers and energy are in the report (dollars too for profiles "
+                  "that set price_per_hour).")
     console.print(f"report: [bold]{report}[/]")
 
 
