@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c .ci/constraints.txt -e ".[test,qtorch]"
+	$(PIP) install -q -c .ci/constraints.txt -e ".[test,qtorch,ray]"
 	touch $@
 
 demo: venv

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from dpquant_sim.analysis.figures import bar_figure, write_figure
-    from dpquant_sim.analysis.report import run_summary
+    from dpquant_sim.analysis.report import COST_METRICS, _missing_reason, privacy_text, run_summary
     from dpquant_sim.sweep.collect import collect_sweep
 
     accs = "all" if args.accelerators == "all" else [a.strip() for a in args.accelerators.split(",")]
@@ -41,14 +41,22 @@ def main(argv: list[str] | None = None) -> int:
                    value_name="speedup")
     long["kind"] = long["kind"].str.replace("run_speedup_", "", regex=False)
     args.out.mkdir(parents=True, exist_ok=True)
+    dp = privacy_text(table)
     fig = bar_figure(long, x="accelerator", y="speedup", color="schedule", facet="kind", facet_cols=1,
-                     title="Speedup over bf16 per accelerator (whole run, mean over seeds)")
+                     title="Speedup over bf16 per accelerator (whole run, mean over seeds)",
+                     y_title="speedup (× over bf16)",
+                     caption="Compared: theoretical (peak-FLOP ratios) and roofline (memory traffic and overheads "
+                             f"included) whole-run speedup over the same run with every layer in bf16. {dp}.")
     write_figure(fig, sp, args.out / "accelerator_speedup")
     cost_cols = [c for c in ("run_time_roofline_s", "run_energy_j", "run_dollars") if c in s.columns]
     cost = s.groupby(keys, sort=False)[cost_cols].mean().reset_index()
     clong = cost.melt(id_vars=keys, value_vars=cost_cols, var_name="metric", value_name="value")
+    clong["metric"] = clong["metric"].map({k: v[0] for k, v in COST_METRICS.items()})
     fig = bar_figure(clong, x="accelerator", y="value", color="schedule", facet="metric", facet_cols=1,
-                     title="Whole-run cost per accelerator (roofline time, energy at TDP, dollars at list price)")
+                     y_units={v[0]: (v[1], v[2]) for v in COST_METRICS.values()}, missing=_missing_reason(table),
+                     title="Whole-run cost per accelerator (roofline time, energy at TDP, dollars at list price)",
+                     caption=f"Compared: whole-run roofline time, energy (× TDP) and cost (× price per hour) per "
+                             f"accelerator and schedule, mean over seeds; n/a: the profile lacks that figure. {dp}.")
     fig.update_yaxes(matches=None)
     write_figure(fig, cost, args.out / "accelerator_cost")
     piv = sp.pivot_table(index="schedule", columns="accelerator", values="run_speedup_theoretical")

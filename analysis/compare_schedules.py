@@ -12,6 +12,13 @@ finished run directory is reused). Writes, under ``--out``:
 ``fp32`` quantizes nothing, so it runs once per (dataset, model, seed) and its row is repeated for every
 recipe (under the first recipe's directory).
 
+Random static baseline (the DPQuant paper's form): ``--random-subsets M`` adds, beside the single-subset
+rows (``static-subset`` with ``--select``), M runs per seed of ``static-subset`` with ``select=random`` and
+``subset_seed`` 0..M-1 (the same M subsets for every seed and cell); they are reported as ONE row,
+``static-subset:random xM``, whose mean +- std is over all M x seeds runs (subset and training seed both
+vary; with one seed it is exactly the paper's mean +- std over random subsets), and whose ``subsets`` column
+is M. Each subset's own runs stay in runs.csv (column ``subset_seed``).
+
 Estimator share (dpquant): 1 - eps(DP-SGD steps alone, at the run's calibrated sigma) / eps(whole run), i.e.
 how much of the epsilon the run spends is due to the estimator; composition is sub-additive, so the
 estimator's stand-alone epsilon (also reported) is much larger than its marginal cost.
@@ -60,13 +67,42 @@ def schedule_cfg(token: str, budget: float, select: str) -> dict:
     return cfg
 
 
+RANDOM_SUBSET_TOKEN = "static-subset:select=random:subset_seed={j}"
+
+
+def random_subset_tokens(m: int) -> list[str]:
+    """The ``--schedules`` tokens of ``--random-subsets m``.
+
+    >>> random_subset_tokens(2)
+    ['static-subset:select=random:subset_seed=0', 'static-subset:select=random:subset_seed=1']
+    """
+    return [RANDOM_SUBSET_TOKEN.format(j=j) for j in range(int(m))]
+
+
+def random_subset_label(token: str) -> tuple[str, int | None]:
+    """(row label, subset_seed) of a schedule token: the random-subset tokens share one label.
+
+    >>> random_subset_label("static-subset:select=random:subset_seed=3")
+    ('static-subset:random', 3)
+    >>> random_subset_label("random")
+    ('random', None)
+    """
+    prefix = RANDOM_SUBSET_TOKEN.split("{")[0]
+    if token.startswith(prefix) and token[len(prefix):].isdigit():
+        return "static-subset:random", int(token[len(prefix):])
+    return token, None
+
+
 def train_config(args, dataset: str, model: str, recipe: str, kind: str, seed: int):
     """The validated TrainConfig of one run (raises ConfigError naming the bad field)."""
     from dpquant_sim.training import config
 
+    sched = schedule_cfg(kind, args.budget, args.select)
+    unit = getattr(args, "budget_unit", None)
+    if unit and "budget" in sched and "budget_unit" not in sched:  # a token's own budget_unit wins
+        sched["budget_unit"] = unit
     data = dict(dataset=dataset, model=model, epochs=args.epochs, epsilon=args.epsilon, recipe=recipe,
-                batch_size=args.batch_size, lr=args.lr, seed=seed, threads=args.threads,
-                schedule=schedule_cfg(kind, args.budget, args.select))
+                batch_size=args.batch_size, lr=args.lr, seed=seed, threads=args.threads, schedule=sched)
     if dataset == "synthetic":
         data.update(n_train=args.synthetic_n, n_test=512,
                     synthetic={"channels": 3, "image_size": args.synthetic_size, "num_classes": 10,
@@ -115,7 +151,11 @@ def summarize(runs: pd.DataFrame, reference: str = "random") -> pd.DataFrame:
     """
     keys = ["dataset", "model", "recipe", "schedule"]
     g = runs.groupby(keys, sort=False)
+    if "subset_seed" not in runs:
+        runs = runs.assign(subset_seed=float("nan"))
+    g = runs.groupby(keys, sort=False)
     t = g.agg(acc_mean=("test_acc", "mean"), acc_std=("test_acc", "std"), seeds=("seed", "count"),
+              subsets=("subset_seed", "nunique"),
               flop_share=("quantized_flop_share", "mean"), epsilon=("epsilon", "mean"),
               estimator_eps=("estimator_epsilon", "mean"), estimator_share=("estimator_share", "mean"),
               switches=("switches", "mean"))
@@ -161,9 +201,12 @@ def to_markdown(t: pd.DataFrame, reference: str = "random") -> str:
              "|" + "---|" * 12]
     for r in t.itertuples():
         std = 0.0 if pd.isna(r.acc_std) else r.acc_std
+        schedule = r.schedule
+        if getattr(r, "subsets", 0) and r.schedule == "static-subset:random":
+            schedule = f"static-subset:random x{r.subsets}"
         vs = "-" if pd.isna(r.vs_ref) or r.schedule == reference else (
             f"{100 * r.vs_ref:+.1f} +- {100 * (0.0 if pd.isna(r.vs_ref_se) else r.vs_ref_se):.1f}")
-        lines.append(f"| {r.dataset} | {r.model} | {r.recipe} | {r.schedule} | {100 * r.acc_mean:.1f} +- "
+        lines.append(f"| {r.dataset} | {r.model} | {r.recipe} | {schedule} | {100 * r.acc_mean:.1f} +- "
                      f"{100 * std:.1f} | {vs} | {r.seeds} | {r.flop_share:.3f} | {r.epsilon:.2f} | "
                      f"{r.estimator_eps:.2f} | {100 * r.estimator_share:.1f}% | {r.switches:.1f} |")
     return "\n".join(lines) + "\n"
@@ -181,12 +224,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--epsilon", type=float, default=8.0)
     p.add_argument("--budget", type=float, default=0.7)
     p.add_argument("--select", default="first", help="static-subset selection: first|last|largest")
+    p.add_argument("--budget-unit", default=None, choices=["layers", "flops"],
+                   help="budget unit of every budgeted schedule (default: each schedule's own, flops for "
+                        "static-subset and random, layers for dpquant; set it to compare at equal units)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2.0)
     p.add_argument("--synthetic-n", type=int, default=1024)
     p.add_argument("--synthetic-size", type=int, default=12)
     p.add_argument("--synthetic-noise", type=float, default=1.0, help="per-pixel noise std of the synthetic data")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--random-subsets", type=int, default=0, metavar="M",
+                   help="also run static-subset with select=random for subset_seed 0..M-1 and report them as one "
+                        "row, mean +- std over the M x seeds runs (the paper's static baseline)")
     p.add_argument("--reference", default="random",
                    help="the schedule token the table's differences are taken against (default random)")
     args = p.parse_args(argv)
@@ -198,10 +247,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise SystemExit(f"--seeds: {args.seeds!r} is not a comma-separated list of integers") from None
-    if args.reference not in args.schedules.split(","):
+    if args.reference not in args.schedules.split(",") and not (
+            args.reference == "static-subset:random" and args.random_subsets > 0):
         raise SystemExit(f"--reference: {args.reference!r} is not one of --schedules {args.schedules!r}")
+    if args.random_subsets < 0:
+        raise SystemExit(f"--random-subsets: {args.random_subsets} is not a count >= 0")
+    tokens = args.schedules.split(",") + random_subset_tokens(args.random_subsets)
     grid = [(d, m, r, k, seed) for d in args.datasets.split(",") for m in args.models.split(",")
-            for r in args.recipes.split(",") for k in args.schedules.split(",") for seed in seeds]
+            for r in args.recipes.split(",") for k in tokens for seed in seeds]
     for point in grid:  # every configuration is valid before any run starts
         try:
             train_config(args, *point)
@@ -215,6 +268,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             row = run_one(args, d, m, r, k, seed, root)
             if k == "fp32":
                 fp32_rows[d, m, seed] = row
+        label, subset_seed = random_subset_label(k)
+        row = {**row, "schedule": label, "subset_seed": subset_seed}
         rows.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     runs = pd.DataFrame(rows)

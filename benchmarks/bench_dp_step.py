@@ -154,17 +154,22 @@ def _status_kib(key: str) -> int:
     raise KeyError(key)
 
 
+def cuda_peak_mib(step) -> float:
+    """Peak CUDA memory (MiB) that one call of ``step`` allocates above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def memory_one(variant: str, name: str, batch: int, device: str) -> float:
     """Peak working memory (MiB) of the second step of ``variant`` in this process."""
     step = make_step(variant, name, batch, device)
     step()
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        return cuda_peak_mib(step)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (peak RSS) to the current RSS
     base = _status_kib("VmRSS")

@@ -63,14 +63,7 @@ def time_step(step, device: str, steps: int, repeats: int) -> float:
 
 
 def peak_step_mib(step, device: str) -> float:
-    if device != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return B.cuda_peak_mib(step) if device == "cuda" else float("nan")
 
 
 def predicted_s(model: str, recipe: str, clipping: str, batch: int, profile) -> tuple[float, float]:

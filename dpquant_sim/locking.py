@@ -110,6 +110,38 @@ def folder_lock(folder: str | os.PathLike, *, what: str = "run folder", field: s
             _remove_if_empty(folder)
 
 
+def is_locked(folder: str | os.PathLike) -> bool:
+    """Whether a live process holds ``folder``'s lock now (a lock file left by a dead process does not count).
+
+    The probe holds a shared lock for the microseconds between two system calls; a writer taking the folder in
+    exactly that window is refused as if it were in use (and can simply rerun)."""
+    if fcntl is None:  # pragma: no cover
+        return False
+    try:
+        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:  # no lock file: free
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # conflicts with a holder's LOCK_EX only
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's shared lock
+    return False
+
+
+def wait_until_free(folder: str | os.PathLike, timeout_s: float, poll_s: float = 0.2) -> bool:
+    """Wait until no live process holds ``folder``'s lock, at most ``timeout_s`` seconds; return whether it is
+    free. Takes nothing: the caller still locks the folder itself (``folder_lock``), which stays the guarantee.
+    A sweep task uses it so that a retry of a point waits for a dying earlier attempt to let go of the folder."""
+    deadline = time.monotonic() + timeout_s
+    while is_locked(folder):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
 def _remove_if_empty(folder: Path) -> None:
     try:
         folder.rmdir()

@@ -81,3 +81,51 @@ def test_reference_must_be_one_of_the_schedules(tmp_path):
     with pytest.raises(SystemExit, match=r"--reference: 'static-all' is not one of --schedules 'random,dpquant'"):
         cs.main(["--out", str(tmp_path / "x"), "--schedules", "random,dpquant", "--reference", "static-all"])
     assert not (tmp_path / "x").exists()
+
+
+def test_random_subsets_are_one_row_with_mean_and_std_over_subsets_and_seeds(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(args, d, m, r, k, seed, root):
+        calls.append((k, seed))
+        cfg = cs.train_config(args, d, m, r, k, seed).schedule  # the token is a valid static-subset config
+        acc = 0.5
+        if k.startswith("static-subset:select=random"):
+            assert cfg.select == "random" and cfg.budget == args.budget
+            acc = 0.6 + 0.1 * cfg.subset_seed + 0.01 * seed
+        return {"dataset": d, "model": m, "recipe": r, "schedule": k, "seed": seed, "test_acc": acc,
+                "epsilon": 8.0, "noise_multiplier": 1.0, "estimator_epsilon": 0.0, "estimator_share": 0.0,
+                "quantized_flop_share": 0.5, "switches": 0.0, "wall_s": 0.0}
+
+    monkeypatch.setattr(cs, "run_one", fake_run)
+    cs.main(["--out", str(tmp_path), "--datasets", "digits", "--seeds", "0,1", "--schedules",
+             "random,static-subset", "--random-subsets", "3"])
+    assert sorted(c for c in calls if c[0].startswith("static-subset:select=random")) == [
+        (f"static-subset:select=random:subset_seed={j}", s) for j in range(3) for s in (0, 1)]
+    assert ("static-subset", 0) in calls  # the single-subset row is kept beside it
+    t = pd.read_csv(tmp_path / "table.csv").set_index("schedule")
+    accs = [0.6 + 0.1 * j + 0.01 * s for j in range(3) for s in (0, 1)]
+    mean = sum(accs) / 6
+    std = math.sqrt(sum((a - mean) ** 2 for a in accs) / 5)
+    row = t.loc["static-subset:random"]
+    assert row["acc_mean"] == pytest.approx(mean) and row["acc_std"] == pytest.approx(std)
+    assert row["seeds"] == 6 and row["subsets"] == 3
+    md = (tmp_path / "table.md").read_text()
+    assert f"| static-subset:random x3 | {100 * mean:.1f} +- {100 * std:.1f} |" in md
+    assert "| static-subset | 50.0 +- 0.0 |" in md
+
+
+def test_budget_unit_applies_to_every_budgeted_schedule_unless_a_token_sets_it():
+    import argparse
+
+    args = argparse.Namespace(epochs=1, epsilon=8.0, batch_size=64, lr=1.0, threads=1, budget=0.5, select="first",
+                              budget_unit="layers")
+    units = {k: cs.train_config(args, "digits", "cnn", "fp4", k, 0).schedule.budget_unit
+             for k in ("random", "static-subset", "dpquant")}
+    assert units == {"random": "layers", "static-subset": "layers", "dpquant": "layers"}
+    assert cs.train_config(args, "digits", "cnn", "fp4", "fp32", 0).schedule.kind == "fp32"
+    tok = "dpquant:sampler=uniform-mix-systematic:budget_unit=flops"
+    assert cs.train_config(args, "digits", "cnn", "fp4", tok, 0).schedule.budget_unit == "flops"
+    args.budget_unit = None  # each schedule's default
+    assert cs.train_config(args, "digits", "cnn", "fp4", "random", 0).schedule.budget_unit == "flops"
+    assert cs.train_config(args, "digits", "cnn", "fp4", "dpquant", 0).schedule.budget_unit == "layers"

@@ -42,8 +42,8 @@ def test_hw_list_show_validate(capsys, tmp_path):
 
 
 def test_cost_json_static_all(capsys):
-    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "1x8x8", "--batch", "64", "--hw",
-                        "h100_sxm,a100_sxm", "--schedule", "static-all", "--format", "fp8", "--json")
+    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "1x8x8", "--batch-size", "64", "--accelerators",
+                        "h100_sxm,a100_sxm", "--schedule", "static-all", "--recipe", "fp8", "--json")
     assert code == 0
     res = json.loads(out)
     assert [r["hw"] for r in res["results"]] == ["h100_sxm", "a100_sxm"]
@@ -54,16 +54,16 @@ def test_cost_json_static_all(capsys):
 
 
 def test_cost_table_budget_and_all(capsys):
-    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "1x8x8", "--hw", "all", "--schedule",
+    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "1x8x8", "--accelerators", "all", "--schedule",
                         "static-subset", "--budget", "0.5")
     assert code == 0 and "tpu_v5e" in out and "jetson_agx_orin" in out
 
 
 @pytest.mark.parametrize("argv,needle", [
     (["--model", "mlp", "--input", "1xAx8"], "--input='1xAx8'"),
-    (["--model", "mlp", "--input", "1x8x8", "--hw", "h900"], "--hw='h900'"),
+    (["--model", "mlp", "--input", "1x8x8", "--accelerators", "h900"], "--accelerators='h900'"),
     (["--model", "mlp", "--input", "1x8x8", "--schedule", "dpquant"], "--run RUN_DIR"),
-    (["--model", "mlp", "--input", "1x8x8", "--format", "fp3"], "recipe='fp3'"),
+    (["--model", "mlp", "--input", "1x8x8", "--recipe", "fp3"], "--recipe='fp3'"),
     (["--model", "mlp", "--input", "1x8x8", "--budget", "2"], "--budget=2.0"),
     (["--model", "mlp", "--input", "1x8x8", "--base", "fp8"], "--base='fp8'"),
     (["--model", "mlp"], "--model/--input"),
@@ -111,7 +111,7 @@ def test_cost_run_matches_scalar_model(tmp_path):
 
 def test_cost_cli_run(capsys, tmp_path):
     _fake_run(tmp_path, kind="random")
-    code, out, _ = _cli(capsys, "cost", "--run", str(tmp_path), "--hw", "b200", "--json")
+    code, out, _ = _cli(capsys, "cost", "--run", str(tmp_path), "--accelerators", "b200", "--json")
     assert code == 0
     res = json.loads(out)  # the same shape as `cost --json`: plan(s) and results
     rows = res["results"]
@@ -162,7 +162,8 @@ def test_train_help_still_lists_the_registries(capsys):
     (["--model", "cnn", "--input", "64"], "--input=(64,) is not allowed"),
     (["--model", "resnet18", "--input", "3x32x16"], "H == W"),
     (["--model", "nope", "--input", "3x32x32"], "model='nope'"),
-    (["--model", "mlp", "--input", "64", "--devices", "2", "--hw", "jetson_agx_orin"], "at most 1 on jetson_agx_orin"),
+    (["--model", "mlp", "--input", "64", "--devices", "2", "--accelerators", "jetson_agx_orin"],
+     "at most 1 on jetson_agx_orin"),
     (["--model", "mlp", "--input", "64", "--devices", "0"], "--devices='0'"),
     (["--model", "mlp", "--input", "64", "--allreduce", "star"], "--allreduce='star'"),
 ])
@@ -172,23 +173,23 @@ def test_cost_shape_and_device_errors_are_one_line(capsys, argv, needle):
 
 
 def test_cost_mlp_with_a_feature_count_works_as_advertised(capsys):
-    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "64", "--hw", "h100_sxm", "--json")
+    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "64", "--accelerators", "h100_sxm", "--json")
     assert code == 0
     res = json.loads(out)["results"][0]
     # the engine's default clipping (mixed; T = 1 everywhere: ghost norms) runs fwd, dgrad (the first layer's
     # too) and one weighted wgrad per layer
     assert res["clipping"] == "mixed"
     assert res["gemm_flops"] == pytest.approx(2 * 256 * (64 * 256 + 256 * 128 + 128 * 10) * 3)
-    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "64", "--hw", "h100_sxm", "--json",
-                        "--dp-algorithm", "hooks")
+    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "64", "--accelerators", "h100_sxm", "--json",
+                        "--clipping", "hooks")
     res = json.loads(out)["results"][0]  # Opacus hooks: no first-layer dgrad; per-sample outer products no GEMM
     assert res["clipping"] == "hooks"
     assert res["gemm_flops"] == pytest.approx(2 * 256 * (64 * 256 + 256 * 128 + 128 * 10) * 3 - 2 * 256 * 64 * 256)
 
 
 def test_cost_devices_table_has_bands_fallbacks_and_dollars(capsys):
-    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "64", "--hw", "h100_sxm,a100_sxm,jetson_agx_orin",
-                        "--devices", "1,8", "--format", "fp4", "--clipping", "hooks", "--json")
+    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "64", "--accelerators", "h100_sxm,a100_sxm,jetson_agx_orin",
+                        "--devices", "1,8", "--recipe", "fp4", "--clipping", "hooks", "--json")
     assert code == 0
     res = json.loads(out)
     rows = {(r["hw"], r["devices"]): r for r in res["results"]}
@@ -198,8 +199,8 @@ def test_cost_devices_table_has_bands_fallbacks_and_dollars(capsys):
     assert h["fallbacks"] == {"fp4": "fp8"} and h["dollars"] > 0 and h["allreduce_s"] > 0
     assert h["roofline_low_s"] < h["roofline_s"] < h["roofline_high_s"] and h["band_basis"] == "transferred"
     assert rows[("a100_sxm", 1)]["fallbacks"] == {"fp4": "bf16"}
-    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "64", "--hw", "h100_sxm", "--devices", "1,8",
-                        "--format", "fp8")
+    code, out, _ = _cli(capsys, "cost", "--model", "mlp", "--input", "64", "--accelerators", "h100_sxm", "--devices", "1,8",
+                        "--recipe", "fp8")
     assert code == 0 and "roof band" in out and "runs as" in out and "fp4" not in out  # fp8 runs natively
 
 

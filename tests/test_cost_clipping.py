@@ -230,14 +230,15 @@ def _cli(capsys, *argv):
 
 
 def test_cost_cli_dp_algorithm_axis(capsys):
-    argv = ["cost", "--model", "cnn", "--input", "1x8x8", "--batch", "64", "--hw", "h100_sxm,b200", "--json"]
-    code, out, _ = _cli(capsys, *argv, "--dp-algorithm", "all")
-    assert code == 0
+    argv = ["cost", "--model", "cnn", "--input", "1x8x8", "--batch-size", "64", "--accelerators", "h100_sxm,b200",
+            "--json"]
+    code, out, err = _cli(capsys, *argv, "--dp-algorithm", "all")  # the old name (hidden, deprecated) still works
+    assert code == 0 and "note: --dp-algorithm is deprecated" in err
     res = json.loads(out)
     keys = {(r["hw"], r["clipping"], r["format"]) for r in res["results"]}
     assert keys == {(h, a, f) for h in ("h100_sxm", "b200") for a in CLIPPING_ALGORITHMS for f in ("fp8", "fp4")}
     assert set(res["plans"]) == {"fp8", "fp4"}
-    same = json.loads(_cli(capsys, *argv, "--clipping", "ghost,bk", "--format", "fp8")[1])["results"]
+    same = json.loads(_cli(capsys, *argv, "--clipping", "ghost,bk", "--recipe", "fp8")[1])["results"]
     assert [r["clipping"] for r in same] == ["ghost", "bk", "ghost", "bk"]
     for r in same:  # the same numbers under either spelling
         twin = [x for x in res["results"] if (x["hw"], x["clipping"], x["format"]) == (r["hw"], r["clipping"], "fp8")]

@@ -64,7 +64,9 @@ def test_matches_direct_loop_and_closed_forms(run_dir):
     rng = np.random.default_rng(0)
     masks = rng.random((8000, len(y))) < q
     est = masks.astype(np.float64) @ dc / (q * len(y))
-    np.testing.assert_allclose(table["sampling_std"], est.std(0), rtol=0.015)  # MC error ~0.8%
+    # MC error of a std from 8000 draws: ~0.8% (1 / sqrt(2 x 8000)) for Gaussian estimates, more for these
+    # heavy-tailed ones; 3% is about 4 standard errors
+    np.testing.assert_allclose(table["sampling_std"], est.std(0), rtol=0.03)
     total = np.sqrt(table["sampling_std"] ** 2 + meta["noise_std"] ** 2)
     assert meta["snr"] == pytest.approx(dc.mean(0).std(ddof=1) / np.sqrt((total ** 2).mean()))
 

@@ -78,3 +78,25 @@ def test_not_a_folder(tmp_path):
         with pytest.raises(ConfigError, match="out="):
             with folder_lock(bad):
                 pass
+
+
+def test_wait_until_free_waits_for_a_live_holder_only(tmp_path):
+    import time
+
+    from dpquant_sim.locking import is_locked, wait_until_free
+
+    run = tmp_path / "run"
+    assert not is_locked(run) and wait_until_free(run, 0)  # no folder, no lock file: free
+    proc = _hold(run)
+    try:
+        assert is_locked(run)
+        t0 = time.monotonic()
+        assert wait_until_free(run, 0.5, poll_s=0.05) is False  # held: gives up after the timeout
+        assert time.monotonic() - t0 >= 0.5
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert (run / LOCK_NAME).is_file()  # left by the dead holder, but nobody holds it
+    assert not is_locked(run) and wait_until_free(run, 0)
+    with folder_lock(run):  # the probe took nothing: a writer still gets the folder
+        pass

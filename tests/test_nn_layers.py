@@ -36,10 +36,10 @@ def ref_q(t: torch.Tensor, spec: QuantSpec, g=None, *, conv_blocks: bool = False
     """Numerics API on an operand; conv block scalings in channels-last order (the documented layout)."""
     if conv_blocks and spec.scaling in ("mx", "nvfp4"):
         q = quantize_scaled(t.permute(0, 2, 3, 1), spec.format, spec.scaling, rounding=spec.rounding,
-                            overflow=spec.overflow, generator=g)
+                            overflow=spec.overflow, generator=g, clip=spec.clip)
         return q.permute(0, 3, 1, 2)
     return quantize_scaled(t, spec.format, spec.scaling, rounding=spec.rounding, overflow=spec.overflow,
-                           generator=g)
+                           generator=g, clip=spec.clip)
 
 
 def ml_q(x: np.ndarray, dtype, fmt_max: float, axis_keep: int = 0) -> np.ndarray:

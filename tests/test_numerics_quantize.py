@@ -255,6 +255,8 @@ def test_stochastic_is_one_of_two_neighbours(name):
         ("int8", 2.3),
         ("log4", 0.05),                # stochastic underflow: 0 or 0.25
         ("log4", 3.0),                 # between 2 and 4 (unbiased, not log-space)
+        ("luq_log4", 0.05),            # stochastic underflow: 0 or 0.125
+        ("luq_log4", 0.2),             # between 0.125 and 0.25
     ],
 )
 def test_stochastic_unbiased(name, x):
@@ -303,7 +305,7 @@ def test_compiled_backend_is_bit_identical(rounding):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(ORACLE) + ["int8", "log4"])
+@pytest.mark.parametrize("name", list(ORACLE) + ["int8", "log4", "luq_log4"])
 def test_compiled_backend_all_formats(name):
     x = torch.from_numpy(np.concatenate([sweep("fp8_e4m3"), random_bits(50_000)]))
     for rounding in ("nearest", "stochastic"):
@@ -327,7 +329,7 @@ def _isolated_specials(n=70_000):
     return x, pos
 
 
-@pytest.mark.parametrize("name", list(ORACLE) + ["int8", "int4", "log4"])
+@pytest.mark.parametrize("name", list(ORACLE) + ["int8", "int4", "log4", "luq_log4"])
 def test_eager_keeps_nan_bits_and_signed_zero(name):
     """NaN input comes back bit for bit (payload and sign, signalling ones too), -0 stays -0, in every path."""
     x, pos = _isolated_specials()
@@ -355,7 +357,7 @@ def test_eager_returns_row_major_strides_like_the_kernel():
     assert quantize(x, "fp4_e2m1").stride() == (64, 64, 8, 1)
 
 
-@pytest.mark.parametrize("name", list(ORACLE) + ["int8", "int4", "log4"])
+@pytest.mark.parametrize("name", list(ORACLE) + ["int8", "int4", "log4", "luq_log4"])
 def test_eager_equals_integer_kernel(name):
     """The eager paths (float magic number, bf16 pattern rounding, blocked integer kernel with in-place RNG)
     equal the reference integer kernel that the compiled backend runs, across block boundaries and for a

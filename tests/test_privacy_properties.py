@@ -31,6 +31,9 @@ from dpquant_sim.training.data import load_dataset
 from dpquant_sim.training.engine import build_run_model, load_checkpoint, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing", "ignore::UserWarning:opacus")
+# Per-sample properties hold for the recipes allowed under DP; batch-wide ones (luq_fp4_batch) are refused
+# there (tests/test_luq.py, test_neighbouring_sensitivity_is_clip_norm).
+DP_RECIPES = [r for r, c in RECIPES.items() if c.dp_safe]
 
 C = 0.01  # far below every example's gradient norm at init, so every example is clipped to exactly C
 N = 8
@@ -120,7 +123,7 @@ def _per_sample(layer, x, r) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("hw", SPATIAL, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("recipe", DP_RECIPES)
 def test_conv_per_sample_equals_batch1_loop_every_shape_class(recipe, hw):
     """Nearest rounding: each example alone through the same layer gives the same gradient."""
     for k in (1, 3):
@@ -140,7 +143,7 @@ def test_conv_per_sample_equals_batch1_loop_every_shape_class(recipe, hw):
 
 
 @pytest.mark.parametrize("hw", SPATIAL, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("recipe", DP_RECIPES)
 def test_conv_per_sample_stochastic_uses_recorded_operands_every_shape_class(recipe, hw):
     """Stochastic rounding: per-sample gradients are per-example GEMMs of the recorded q(x) and q(dy)."""
     layer = _conv(RECIPES[recipe], 3)
@@ -158,14 +161,14 @@ def test_conv_per_sample_stochastic_uses_recorded_operands_every_shape_class(rec
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("recipe", DP_RECIPES)
 def test_conv_empty_batch_gives_empty_per_sample_gradients(recipe):
     layer = _conv(RECIPES[recipe], 3)
     got = _per_sample(layer, torch.randn(0, 32, 1, 1), torch.zeros(0, 8, 1, 1))
     assert got.shape == (0, *layer.weight.shape)
 
 
-@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("recipe", DP_RECIPES)
 def test_resnet18_w16_on_8x8_per_sample_equals_batch1_loop(recipe):
     """The model whose layer4 runs on 1x1 maps at 8x8 input: every layer's per-sample gradients are exact
     (none silently zero)."""

@@ -76,7 +76,7 @@ def test_hand_edited_config_is_refused_naming_the_field(partial, tmp_path, capsy
                                              r"\(config.yaml was edited.*\): lr: 0.5 stored, 0.1 requested"):
         train(dict(TINY, lr=0.1), run, progress=False)
     assert files(run) == before
-    line = one_line_error(["train", "--config", str(y), "--out", str(run), "--no-progress"], capsys)
+    line = one_line_error(["train", "--config", str(y), "--out", str(run), "--quiet"], capsys)
     assert line.startswith("error: ") and "lr: 0.5 stored, 0.1 requested" in line
     # without config.yaml the checkpoint alone still refuses a different request, listing every field
     y.unlink()
@@ -119,7 +119,7 @@ def test_damaged_checkpoint_is_one_line(partial, tmp_path, capsys, damage):
     raw = ck.read_bytes()
     ck.write_bytes({"empty": b"", "truncated": raw[: len(raw) // 2], "random": os.urandom(4096)}[damage])
     before = files(run)
-    line = one_line_error(["train", "--config", str(run / "config.yaml"), "--out", str(run), "--no-progress"],
+    line = one_line_error(["train", "--config", str(run / "config.yaml"), "--out", str(run), "--quiet"],
                           capsys)
     assert f"'{ck}' is not a readable checkpoint (" in line and "restore it, or delete it" in line
     assert ("an empty file" in line) == (damage == "empty")
@@ -135,7 +135,7 @@ def test_stale_temporaries_are_removed_when_a_run_resumes(partial, uninterrupted
         (run / n).write_bytes(b"half")
     res = train(TINY, run, progress=False)
     assert not [p for p in os.listdir(run) if is_temp_file(p)]
-    assert sorted(os.listdir(run)) == ["checkpoint.pt", "config.yaml", "metrics.csv", "run_info.json",
+    assert sorted(os.listdir(run)) == ["checkpoint.pt", "config.yaml", "metrics.csv", "plans.jsonl", "run_info.json",
                                        "summary.json"]
     same_run(res.metrics, uninterrupted.metrics)
 
@@ -156,9 +156,11 @@ def test_full_disk_mid_run_keeps_finished_epochs_and_resumes(uninterrupted, tmp_
         train(TINY, run, progress=False)
     assert e.value.errno == errno.ENOSPC and str(e.value).startswith(f"cannot write '{run / 'metrics.csv'}': No space")
     assert len(pd.read_csv(run / "metrics.csv")) == 1 and load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
-    assert sorted(os.listdir(run)) == ["checkpoint.pt", "config.yaml", "metrics.csv", "run_info.json"]
+    # plans.jsonl (written first) is one epoch ahead of metrics.csv until the resume realigns both
+    assert sorted(os.listdir(run)) == ["checkpoint.pt", "config.yaml", "metrics.csv", "plans.jsonl", "run_info.json"]
     monkeypatch.undo()
     same_run(train(TINY, run, progress=False).metrics, uninterrupted.metrics)
+    assert (run / "plans.jsonl").read_bytes() == (uninterrupted.out_dir / "plans.jsonl").read_bytes()
 
 
 # ------------------------------------------------------------------------------------------ one writer
@@ -181,7 +183,7 @@ def test_a_second_writer_is_refused_with_the_holders_pid(partial, tmp_path, caps
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunFolderError, match=rf"run folder '{run}' is in use by process {holder.pid} "):
             train(TINY, run, progress=False)
-        line = one_line_error(["train", "--config", str(run / "config.yaml"), "--out", str(run), "--no-progress"],
+        line = one_line_error(["train", "--config", str(run / "config.yaml"), "--out", str(run), "--quiet"],
                               capsys)
         assert f"in use by process {holder.pid}" in line
     finally:
@@ -196,11 +198,11 @@ def test_a_second_writer_is_refused_with_the_holders_pid(partial, tmp_path, caps
 def test_out_that_is_a_file_or_under_one(tmp_path, capsys):
     f = tmp_path / "afile"
     f.write_text("x")
-    cmd = ["train", "--epochs", "1", "--model", "mlp", "--no-progress"]
+    cmd = ["train", "--epochs", "1", "--model", "mlp", "--quiet"]
     line = one_line_error([*cmd, "--out", str(f)], capsys)
-    assert line == f"error: out='{f}' is not allowed; expected a folder (it is a file)"
+    assert line == f"error: --out='{f}' is not allowed; expected a folder (it is a file)"
     line = one_line_error([*cmd, "--out", str(f / "run")], capsys)
-    assert line == f"error: out='{f / 'run'}' is not allowed; expected a folder path ('{f}' is a file, not a folder)"
+    assert line == f"error: --out='{f / 'run'}' is not allowed; expected a folder path ('{f}' is a file, not a folder)"
     sweep = tmp_path / "s.yaml"
     sweep.write_text("base: {dataset: digits, model: mlp, epochs: 1}\naccelerators: [b200]\n")
     assert "expected a folder (it is a file)" in one_line_error(["sweep", str(sweep), "--out", str(f)], capsys)
@@ -211,7 +213,7 @@ def test_read_only_out_is_one_line(tmp_path, capsys, monkeypatch):
     """Simulated (root may write anywhere): the folder is not writable."""
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, m, **k: False if str(p).startswith(str(tmp_path)) else real(p, m))
-    line = one_line_error(["train", "--epochs", "1", "--model", "mlp", "--no-progress", "--out", str(tmp_path / "r")],
+    line = one_line_error(["train", "--epochs", "1", "--model", "mlp", "--quiet", "--out", str(tmp_path / "r")],
                           capsys)
     assert "expected a folder this user can write (it is read-only)" in line
     assert not (tmp_path / "r").exists()
@@ -225,7 +227,7 @@ def test_output_error_is_one_line(tmp_path, capsys, monkeypatch):
                           "previous version is kept)", errno.ENOSPC)
 
     monkeypatch.setattr(engine, "train", full_disk)
-    line = one_line_error(["train", "--epochs", "1", "--model", "mlp", "--no-progress", "--out", str(tmp_path / "r")],
+    line = one_line_error(["train", "--epochs", "1", "--model", "mlp", "--quiet", "--out", str(tmp_path / "r")],
                           capsys)
     assert line == f"error: cannot write '{tmp_path / 'r' / 'metrics.csv'}': No space left on device (nothing was " \
                    "half-written; any previous version is kept)"
@@ -238,7 +240,7 @@ def test_ctrl_c_exits_130_saying_how_to_resume(tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(engine, "train", interrupted)
-    line = one_line_error(["train", "--epochs", "1", "--model", "mlp", "--no-progress", "--out", str(tmp_path / "r")],
+    line = one_line_error(["train", "--epochs", "1", "--model", "mlp", "--quiet", "--out", str(tmp_path / "r")],
                           capsys, code=130)
     assert "interrupted" in line and "rerun the same command to resume" in line
 
@@ -249,7 +251,7 @@ def test_real_ctrl_c_of_train(tmp_path):
     out = tmp_path / "r"
     proc = subprocess.Popen(
         [sys.executable, "-m", "dpquant_sim", "train", "--model", "mlp", "--epochs", "200", "--n-train", "200",
-         "--batch-size", "50", "--no-progress", "--out", str(out)],
+         "--batch-size", "50", "--quiet", "--out", str(out)],
         stderr=subprocess.PIPE, text=True, start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell ignores SIGINT
     try:

@@ -165,11 +165,14 @@ def _schedules():
     return {
         "random": {"kind": "random", "budget": 0.5},
         # strongly prioritised dpquant: layer d (most FLOPs) is "fragile"
-        "dpquant": {"kind": "dpquant", "budget": 0.5, "uniform_mix": 0.2, "temperature": 0.5},
+        "dpquant": {"kind": "dpquant", "sampler": "uniform-mix-systematic", "budget": 0.5, "budget_unit": "flops",
+                    "uniform_mix": 0.2, "temperature": 0.5},
+        # the paper's sampler at its defaults: k = 2 of 4 layers, beta 100 on raw deltas (d is e^-87 as likely)
+        "dpquant-paper": {"kind": "dpquant", "budget": 0.5},
     }
 
 
-@pytest.mark.parametrize("kind", ["random", "dpquant"])
+@pytest.mark.parametrize("kind", ["random", "dpquant"])  # not the paper sampler: it has no uniform floor
 def test_rotation_reaches_every_layer(kind):
     sched = build_schedule(_schedules()[kind])
     rng = np.random.default_rng(7)
@@ -198,7 +201,7 @@ def test_expected_share_is_budget_for_every_schedule(kind):
     assert plan.quantized_flop_share == pytest.approx(sum(w[["abcd".index(n) for n in plan.quantized]]) / w.sum())
 
 
-@pytest.mark.parametrize("kind", ["random", "dpquant"])
+@pytest.mark.parametrize("kind", ["random", "dpquant", "dpquant-paper"])
 def test_seeded_determinism_and_resume(kind):
     extra = dict(private=False, loss_deltas=_fixed_deltas([0.01, 0.02, 0.03, 0.9]))
 
@@ -248,3 +251,98 @@ def test_random_hold_epochs_keeps_each_draw_and_resumes_mid_hold():
     assert all(abs(c / 3000 - 0.5) < 0.05 for c in counts.values())
     with pytest.raises(ConfigError, match="hold_epochs"):
         build_schedule({"kind": "random", "budget": 0.5, "hold_epochs": 0})
+
+
+@pytest.mark.parametrize("phase", [0, 1])
+def test_random_alternate_switches_one_fixed_set_every_epoch_and_resumes(phase):
+    """pattern='alternate': one set of share 2b (2 of 8 layers at b = 0.125), drawn once, quantized at epochs
+    with (e + phase) even and empty in between; a restored schedule keeps the set; across seeds the set is a
+    uniform random pair (each layer in it with probability 2b = 0.25)."""
+    layers = [LayerInfo(f"l{i}", 10 * (i + 1)) for i in range(8)]
+    cfg = {"kind": "random", "budget": 0.125, "budget_unit": "layers", "pattern": "alternate",
+           "alternate_phase": phase}
+    sched, rng = build_schedule(cfg), np.random.default_rng(3)
+    plans = [sched.plan(ScheduleContext(e, 10, layers, "fp4", rng)) for e in range(6)]
+    on = [(e + phase) % 2 == 0 for e in range(6)]
+    assert [p.info["on"] for p in plans] == on
+    the_set = set(plans[0 if on[0] else 1].quantized)
+    assert len(the_set) == 2
+    for e, p in enumerate(plans):
+        assert set(p.quantized) == (the_set if on[e] else set())
+        assert sum(p.probs.values()) == pytest.approx(2.0 if on[e] else 0.0)
+    # time-averaged share = budget
+    assert np.mean([len(p.quantized) / 8 for p in plans]) == pytest.approx(0.125)
+    resumed = build_schedule(cfg)
+    resumed.load_state_dict(sched.state_dict())
+    assert set(resumed.plan(ScheduleContext(6, 10, layers, "fp4", np.random.default_rng(99))).quantized) == (
+        the_set if (6 + phase) % 2 == 0 else set())
+    counts = {layer.name: 0 for layer in layers}
+    for seed in range(2000):
+        for n in build_schedule(cfg).plan(ScheduleContext(phase, 10, layers, "fp4",
+                                                          np.random.default_rng(seed))).quantized:
+            counts[n] += 1
+    # each layer in the set with probability 0.25: binomial sd sqrt(2000 * .25 * .75) = 19.4; 5 sd
+    assert all(abs(c - 500) < 5 * 19.4 for c in counts.values()), counts
+
+
+def test_random_alternate_refusals():
+    with pytest.raises(ConfigError, match="schedule.budget"):
+        build_schedule({"kind": "random", "budget": 0.6, "pattern": "alternate"})
+    with pytest.raises(ConfigError, match="hold_epochs"):
+        build_schedule({"kind": "random", "budget": 0.5, "pattern": "alternate", "hold_epochs": 2})
+
+
+def test_static_random_subset_is_uniform_fixed_and_seeded():
+    """select='random', layers unit: round(0.5 x 5) = 3 layers (halves up), the same set every epoch; over
+    4000 subset seeds each of the C(5, 3) = 10 sets appears with frequency 1/10 (binomial, 5 sd)."""
+    layers = [LayerInfo(f"l{i}", 10 * (i + 1)) for i in range(5)]
+    cfg = {"kind": "static-subset", "select": "random", "budget": 0.5, "budget_unit": "layers"}
+    sched, rng = build_schedule({**cfg, "subset_seed": 11}), np.random.default_rng(0)
+    plans = [sched.plan(ScheduleContext(e, 5, layers, "fp4", rng)) for e in range(5)]
+    assert len({frozenset(p.quantized) for p in plans}) == 1 and len(plans[0].quantized) == 3
+    # subset_seed fixes the set whatever the run's RNG; None derives it from the run's RNG
+    other = build_schedule({**cfg, "subset_seed": 11}).plan(ScheduleContext(0, 5, layers, "fp4",
+                                                                           np.random.default_rng(99)))
+    assert other.quantized == plans[0].quantized
+    derived = {frozenset(build_schedule(cfg).plan(ScheduleContext(0, 5, layers, "fp4",
+                                                                  np.random.default_rng(s))).quantized)
+               for s in range(30)}
+    assert len(derived) > 1
+    # resume: the restored schedule returns the drawn set even under another RNG
+    r = build_schedule(cfg)
+    first = r.plan(ScheduleContext(0, 5, layers, "fp4", np.random.default_rng(4))).quantized
+    r2 = build_schedule(cfg)
+    r2.load_state_dict(r.state_dict())
+    assert r2.plan(ScheduleContext(1, 5, layers, "fp4", np.random.default_rng(5))).quantized == first
+    counts: dict = {}
+    for s in range(4000):
+        q = frozenset(build_schedule({**cfg, "subset_seed": s}).plan(
+            ScheduleContext(0, 5, layers, "fp4", np.random.default_rng(0))).quantized)
+        counts[q] = counts.get(q, 0) + 1
+    assert len(counts) == math.comb(5, 3)
+    sd = math.sqrt(4000 * 0.1 * 0.9)
+    assert all(abs(c - 400) < 5 * sd for c in counts.values()), counts
+
+
+def test_static_random_subset_flops_unit_matches_enumerated_orderings():
+    """FLOPs unit: the prefix, in a uniformly random order, whose share is nearest the budget. Reference: every
+    one of the 4! orders, its nearest prefix by hand (ties to the larger), each order with probability 1/24."""
+    import itertools
+
+    w = np.array(FLOPS, float)
+    ref: dict = {}
+    for order in itertools.permutations(range(4)):
+        shares = np.cumsum(w[list(order)]) / w.sum()
+        gaps = np.abs(shares - 0.5)
+        k = max(i for i in range(4) if gaps[i] <= gaps.min() + 1e-12) + 1
+        key = frozenset("abcd"[i] for i in order[:k])
+        ref[key] = ref.get(key, 0) + 1 / 24
+    cfg = {"kind": "static-subset", "select": "random", "budget": 0.5, "budget_unit": "flops"}
+    counts: dict = {}
+    n = 4000
+    for s in range(n):
+        q = frozenset(build_schedule({**cfg, "subset_seed": s}).plan(ctx()).quantized)
+        counts[q] = counts.get(q, 0) + 1
+    assert set(counts) == set(ref)
+    for key, p in ref.items():
+        assert abs(counts[key] / n - p) < 5 * math.sqrt(p * (1 - p) / n), (key, p, counts[key] / n)

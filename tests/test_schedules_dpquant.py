@@ -17,6 +17,7 @@ from dpquant_sim.schedules.base import LayerInfo, ScheduleContext
 from dpquant_sim.schedules.dpquant import MECHANISM_NAME, clipped_sum, num_estimates, sampling_weights
 
 LAYERS = [LayerInfo(n, f) for n, f in zip("abcd", [10, 30, 60, 100])]
+MIX = "uniform-mix-systematic"
 
 
 class SpyLedger:
@@ -164,7 +165,8 @@ def test_shrink_scale_matches_hand_computed_james_stein_weights(sigma, fragile):
     bound on one estimate's noise: DP (sigma C / n_exp)^2 plus Poisson sampling (1 - q) C^2 / (n_exp L)."""
     d = np.full((20, 4), 0.1)
     d[:, 1] += fragile
-    sched = build_schedule({"kind": "dpquant", "noise_multiplier": sigma, "clip": 1.0, "score_scale": "shrink",
+    sched = build_schedule({"kind": "dpquant", "sampler": MIX, "noise_multiplier": sigma, "clip": 1.0,
+                            "score_scale": "shrink",
                             "temperature": 0.7, "uniform_mix": 0.1, "sample_rate": 0.05})
     for seed in range(5):
         sched = build_schedule(sched.cfg.model_dump())
@@ -190,7 +192,8 @@ def test_shrink_noise_bound_follows_the_ema_and_is_sampling_only_without_dp():
     """After n estimates the smoothed score's noise variance is w2 v with w2 = a^(2(n-1)) + sum_j (1-a)^2 a^(2j)
     (EMA weights a^(n-1), (1-a) a^j): for a = 0.5, 1, 0.5, 0.375, 0.34375. Non-private: only the sampling term."""
     d = np.array([[0.0, 0.4, 0.1, 0.2]] * 8)
-    sched = build_schedule({"kind": "dpquant", "score_scale": "shrink", "noise_multiplier": 2.0, "clip": 0.5,
+    sched = build_schedule({"kind": "dpquant", "sampler": MIX, "score_scale": "shrink", "noise_multiplier": 2.0,
+                            "clip": 0.5,
                             "sample_rate": 0.1, "interval": 1, "ema": 0.5})
     led, rng = SpyLedger(), np.random.default_rng(0)
     v1 = (2.0 * 0.5 / 8) ** 2 + 0.9 * 0.25 / (8 * 4)
@@ -204,7 +207,7 @@ def test_shrink_without_dp_noise_keeps_a_strong_signal():
     # non-private: the scores are exact (0, .4, .1, .2), var 0.0219 over layers, against the sampling bound
     # 0.95 C^2 / (n_exp L) = 0.0037 at n_exp 64: shrunk by 0.83, the order kept
     d = np.array([[0.0, 0.4, 0.1, 0.2]] * 64)
-    sched = build_schedule({"kind": "dpquant", "score_scale": "shrink", "uniform_mix": 0.0})
+    sched = build_schedule({"kind": "dpquant", "sampler": MIX, "score_scale": "shrink", "uniform_mix": 0.0})
     plan = sched.plan(ctx(0, fixed(d), private=False))
     s = np.array([0.0, 0.4, 0.1, 0.2])
     want, var = _shrink_weights_by_hand(s, 0.95 / (64 * 4), 1.0, 0.0)
@@ -295,7 +298,7 @@ def test_sampling_weights_rule():
 
 def test_fragile_layer_gets_lowest_probability_without_noise():
     d = np.array([[0.01, 0.6, 0.02, 0.03]] * 20)
-    plan = build_schedule({"kind": "dpquant", "budget": 0.5, "budget_unit": "layers"}).plan(
+    plan = build_schedule({"kind": "dpquant", "sampler": MIX, "budget": 0.5, "budget_unit": "layers"}).plan(
         ctx(0, fixed(d), private=False))
     order = sorted("abcd", key=lambda n: plan.scores[n])
     assert order == ["a", "c", "d", "b"]

@@ -16,7 +16,7 @@ def test_grid_expansion_counts_and_budget_only_on_budgeted_kinds():
             "base": BASE,
             "grid": {
                 "schedule": [{"kind": "fp32"}, {"kind": "static-all"}, {"kind": "random"},
-                             {"kind": "dpquant", "temperature": [0.5, 1.0]}],
+                             {"kind": "dpquant", "beta": [50.0, 100.0]}],
                 "budget": [0.5, 0.75],
                 "recipe": ["fp8", "fp4"],
                 "seed": [0, 1, 2],
@@ -26,14 +26,14 @@ def test_grid_expansion_counts_and_budget_only_on_budgeted_kinds():
     pts = cfg.points()
     kinds = [p.config.schedule.kind for p in pts]
     # fp32: recipe irrelevant -> 3 seeds; static-all: 2 recipes x 3 seeds; random: 2 budgets x 2 x 3;
-    # dpquant: 2 temperatures x 2 budgets x 2 recipes x 3 seeds.
+    # dpquant: 2 betas x 2 budgets x 2 recipes x 3 seeds.
     assert kinds.count("fp32") == 3
     assert kinds.count("static-all") == 6
     assert kinds.count("random") == 12
     assert kinds.count("dpquant") == 24
     assert len({p.id for p in pts}) == len(pts)
     assert {p.config.schedule.budget for p in pts if p.config.schedule.kind == "random"} == {0.5, 0.75}
-    assert {p.config.schedule.temperature for p in pts if p.config.schedule.kind == "dpquant"} == {0.5, 1.0}
+    assert {p.config.schedule.beta for p in pts if p.config.schedule.kind == "dpquant"} == {50.0, 100.0}
 
 
 def test_ids_are_stable_and_content_addressed():

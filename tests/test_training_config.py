@@ -12,7 +12,7 @@ def test_defaults_and_yaml_roundtrip(tmp_path):
     c = TrainConfig()
     assert c.private and c.epsilon == 8.0 and c.noise_multiplier is None and c.schedule.kind == "fp32"
     assert TrainConfig(noise_multiplier=1.0).epsilon is None  # a fixed sigma does not get a default cap
-    c2 = TrainConfig.parse({"model": "mlp", "schedule": {"kind": "dpquant", "budget": 0.75, "temperature": 0.5},
+    c2 = TrainConfig.parse({"model": "mlp", "schedule": {"kind": "dpquant", "budget": 0.75, "beta": 50.0},
                             "drop": {"keep": 0.5}})
     p = tmp_path / "c.yaml"
     c2.to_yaml(p)

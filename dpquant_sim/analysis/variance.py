@@ -63,7 +63,8 @@ def representable_values(fmt: str) -> np.ndarray:
 
     Float formats are enumerated from every bit pattern with ml_dtypes; int8/int4 are the symmetric integer
     grids [-127, 127] and [-7, 7] (the symmetric range used for scaled integer quantization); log4 is LUQ's
-    radix-2 logarithmic grid {0, +-2^-2, ..., +-2^4} written from its definition.
+    radix-2 logarithmic grid {0, +-2^-2, ..., +-2^4} and luq_log4 {0, +-2^-3, ..., +-2^4}, written from their
+    definitions.
     """
     import ml_dtypes
 
@@ -73,6 +74,9 @@ def representable_values(fmt: str) -> np.ndarray:
         return np.arange(-7, 8, dtype=np.float64)
     if fmt == "log4":  # LUQ radix-2 log format by its definition: 0 and +-2^e for e in -2..4 (3 exponent bits)
         p = 2.0 ** np.arange(-2, 5, dtype=np.float64)
+        return np.concatenate([-p[::-1], [0.0], p])
+    if fmt == "luq_log4":  # LUQ's own grid: 0 and +-2^e for e in -3..4 (8 powers of two plus 0)
+        p = 2.0 ** np.arange(-3, 5, dtype=np.float64)
         return np.concatenate([-p[::-1], [0.0], p])
     if fmt == "fp16":
         codes = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)
@@ -89,7 +93,7 @@ def representable_values(fmt: str) -> np.ndarray:
         else:
             codes = raw.view(dt).astype(np.float64)
     else:
-        raise ConfigError("format", fmt, tuple(list(_ML_DTYPES) + ["fp16", "int8", "int4", "log4"]))
+        raise ConfigError("format", fmt, tuple(list(_ML_DTYPES) + ["fp16", "int8", "int4", "log4", "luq_log4"]))
     vals = np.unique(codes[np.isfinite(codes)])
     return vals
 

@@ -89,12 +89,13 @@ def expected_sq_error(x: "torch.Tensor | np.ndarray", spec: QuantSpec, *, conv: 
         weight: ``x`` is a weight (only matters for the conv layout, which is the same for both here).
 
     Raises:
-        ConfigError: a scaling this reference does not know (use :func:`realized_sq_error` then).
+        ConfigError: a scaling or clip (SAWB) this reference does not know (use :func:`realized_sq_error` then).
     """
     a = np.asarray(x.detach().double().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
     shape = a.shape
     sc = spec.scaling
     check_choice("scaling", sc, ("none", "tensor", "channel", "sample", "mx", "nvfp4"))
+    check_choice("clip", spec.clip, ("amax",))  # SAWB clipping (LUQ's forward) has no closed form here
     vals = representable_values(spec.format)
     pos = vals[vals >= 0]
     fmax = float(pos[-1])

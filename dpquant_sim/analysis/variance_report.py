@@ -286,6 +286,7 @@ def build_sections(folder: Path) -> list[Any]:
         long = long.groupby(["regime", "recipe", "part"], sort=False)["value"].mean().reset_index()
         long["series"] = long["recipe"] + " " + long["part"]
         fig = bar_figure(long, x="regime", y="value", color="part", facet="recipe",
+                         y_title="summed over layers (squared update norm, log scale)",
                          title="Released update, summed over layers: quantization variance (mc_var), squared "
                                "quantization bias (mc_bias2), DP noise variance and signal ||u_fp||^2 (mean)")
         fig.update_yaxes(type="log")

@@ -18,6 +18,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help: at any width (80 columns included) every flag name is shown in full, wrapped help
+    # beside or below it; typer's rich panels cut long flag names off ("--physical-batch-…")
+    rich_markup_mode=None,
 )
 
 # Sub-command modules, registered in this order (a missing module is skipped).

@@ -44,7 +44,9 @@ def demo_config(
             "name": "demo",
             "base": base,
             "grid": {
-                "schedule": [{"kind": "fp32"}, {"kind": "static-all"}, {"kind": "random"}, {"kind": "dpquant"}],
+                # both budgeted schedules count layers (dpquant's paper sampler draws round(budget x n) of them)
+                "schedule": [{"kind": "fp32"}, {"kind": "static-all"}, {"kind": "random", "budget_unit": "layers"},
+                             {"kind": "dpquant"}],
                 "budget": [budget],
                 "seed": list(range(seeds)),
             },
@@ -67,9 +69,19 @@ def run_demo(out: Path, *, progress: bool = True, **kw: Any) -> tuple[Path, Any]
         pid, err = next(iter(res.failed.items()))
         raise DPQuantError(f"demo run {pid} failed ({len(res.failed)} in all); last lines:\n"
                            + "\n".join(err.strip().splitlines()[-3:]))
-    report = build_report(out, title="dpquant-sim demo: DP-SGD (epsilon 8) on digits, schedules x accelerators")
+    report = build_report(out, title=f"dpquant-sim demo: DP-SGD (epsilon {cfg.base.get('epsilon', 8.0):g}) on "
+                                      f"{cfg.base.get('dataset', 'digits')}, schedules x accelerators")
     head = headline_table(run_summary(res.table), list(cfg.accelerators) if cfg.accelerators != "all" else None)
     return report, head
+
+
+def _demo_flags():
+    from dpquant_sim.cli.vocab import FlagNames
+
+    # config fields (as the demo's sweep names them) -> the demo's flags, so errors name the flag
+    return FlagNames({"recipe": "--recipe", "schedule.budget": "--budget", "budget": "--budget",
+                      "epsilon": "--epsilon", "model": "--model", "epochs": "--epochs", "n_train": "--n-train",
+                      "accelerators": "--accelerators", "workers": "--workers", "executor.workers": "--workers"})
 
 
 def demo(
@@ -77,7 +89,7 @@ def demo(
     epochs: int = typer.Option(6, min=1, help="training epochs per run"),
     seeds: int = typer.Option(1, min=1, help="seeds per schedule (mean +- std in the report)"),
     recipe: str = typer.Option("fp4", help="quantization recipe (fp8, fp6, fp4, mxfp4, nvfp4, int8, ...)"),
-    budget: float = typer.Option(0.5, help="quantized FLOP share for random and dpquant (0, 1]"),
+    budget: float = typer.Option(0.5, help="quantized share of layers for random and dpquant (0, 1]"),
     epsilon: float = typer.Option(8.0, help="target epsilon (delta 1e-5)"),
     model: str = typer.Option("cnn", help="mlp, cnn, resnet18, ..."),
     accelerators: str = typer.Option(",".join(DEMO_ACCELERATORS), help="comma-separated profile names"),
@@ -87,25 +99,30 @@ def demo(
 ) -> None:
     """Run the end-to-end demo and print where the report is plus the headline comparison."""
     from rich.console import Console
-    from rich.table import Table
+
+    from dpquant_sim.cli.tables import print_fitting
+    from dpquant_sim.cli.vocab import rename_config_errors
 
     accs = [a.strip() for a in accelerators.split(",") if a.strip()]
-    report, head = run_demo(out, progress=not quiet, epochs=epochs, seeds=seeds, recipe=recipe, budget=budget,
-                            epsilon=epsilon, model=model, accelerators=accs, workers=workers,
-                            n_train=n_train)
-    # borderless, short headers: the table fits an 80-column terminal without truncated cells
-    table = Table(title=f"demo: {model} on digits, DP-SGD epsilon {epsilon:g}, {recipe} recipe, budget {budget:g}",
-                  box=None, padding=(0, 1), header_style="bold")
+    report, head = rename_config_errors(
+        _demo_flags(), run_demo, out, progress=not quiet, epochs=epochs, seeds=seeds, recipe=recipe, budget=budget,
+        epsilon=epsilon, model=model, accelerators=accs, workers=workers, n_train=n_train)
+    # borderless, short headers; columns that would not fit the terminal go to a continuation table (with the
+    # schedule repeated), so no cell is cut off at 80 columns
     short = {"accuracy": "acc", "epsilon": "eps"}
-    for c in head.columns:
-        table.add_column(short.get(str(c), str(c)), justify="left" if c == "schedule" else "right", no_wrap=True)
-    for row in head.itertuples(index=False):
-        table.add_row(*(str(v) for v in row))
     console = Console()
-    console.print(table)
+    from dpquant_sim.training.config import TrainConfig
+
+    delta = TrainConfig.model_fields["delta"].default
+    print_fitting(console, f"demo: {model} on digits, DP-SGD epsilon {epsilon:g} delta {delta:g}, {recipe}, "
+                           f"budget {budget:g}",
+                  [short.get(str(c), str(c)) for c in head.columns],
+                  [[str(v) for v in row] for row in head.itertuples(index=False)],
+                  fixed=list(head.columns).index("schedule") + 1 if "schedule" in head.columns else 1,
+                  left=("schedule", "model", "dataset"))
     console.print("per-accelerator columns: theoretical speedup over the same run in bf16 (peak FLOP ratios, the "
-                  "paper's convention); roofline numbers and energy are in the report (dollars too for profiles that set "
-                  "price_per_hour; the shipped ones do not).")
+                  "paper's convention); roofline numbers and energy are in the report (dollars too for profiles "
+                  "that set price_per_hour).")
     console.print(f"report: [bold]{report}[/]")
 
 

@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import typer
 
-hw_app = typer.Typer(help="Accelerator profiles (hw_profiles/*.yaml plus your own folders).", no_args_is_help=True)
+hw_app = typer.Typer(help="Accelerator profiles (hw_profiles/*.yaml plus your own folders).", no_args_is_help=True,
+                     rich_markup_mode=None)  # plain help, like the main app: full flag names at 80 columns
 
 
 def _fmt_peak(p, prec: str) -> str:
@@ -19,30 +20,62 @@ def _fmt_peak(p, prec: str) -> str:
     return f"-> {p.resolve(prec)}"
 
 
+LIST_PRECISIONS = ("fp32", "bf16", "fp8", "fp6", "fp4", "int8")
+
+
+def hw_list_row(p) -> dict:
+    """One profile as ``hw list --json`` gives it: dense peaks in TFLOP/s (TOP/s for int8; None where the
+    precision has no native path, with ``runs_as`` naming what runs instead), bandwidth TB/s, memory GB,
+    TDP W, list price $/device-hour, data-parallel reach and the GEMM time band (fractions)."""
+    from dpquant_sim.cost.profiles import Peak
+
+    peaks, runs_as, uncertain = {}, {}, []
+    for prec in LIST_PRECISIONS:
+        e = getattr(p.peaks, prec)
+        native = isinstance(e, Peak)
+        peaks[prec] = e.value if native else None
+        runs_as[prec] = prec if native else p.resolve(prec)
+        if getattr(e, "uncertain", False):
+            uncertain.append(prec)
+    lo, hi, basis = p.error_band
+    return {"name": p.name, "vendor": p.vendor, "peak_tflops": peaks, "runs_as": runs_as,
+            "uncertain_peaks": uncertain, "bandwidth_tb_s": p.bandwidth / 1e12, "memory_gb": p.capacity_bytes / 1e9,
+            "tdp_w": p.tdp_w, "price_per_hour": None if p.price_per_hour is None else p.price_per_hour.value,
+            "max_devices": p.max_devices, "time_band": {"low": lo, "high": hi, "basis": basis}}
+
+
 @hw_app.command("list")
 def hw_list(
     hw_dir: Optional[List[Path]] = typer.Option(None, "--hw-dir", help="extra folder of profile YAML files"),
+    as_json: bool = typer.Option(False, "--json", help="print the table's figures as one JSON document (every "
+                                 "figure with its source: hw show NAME --json)"),
 ) -> None:
     """Table of every profile: dense peaks (TFLOP/s; '-> x' = no native path, runs as x; * = uncertain), memory,
     power, price, data-parallel reach and the error band of its GEMM times."""
     from rich.console import Console
-    from rich.table import Table
 
     from dpquant_sim.cost.profiles import load_profiles
 
     profs = load_profiles(hw_dir or ())
-    t = Table(title="accelerator profiles (dense peaks, TFLOP/s or TOP/s; '-> x': runs as x)")
-    for col in ("name", "vendor", "fp32", "bf16", "fp8", "fp6", "fp4", "int8", "BW TB/s", "mem GB", "TDP W", "$/h",
-                "max dev", "time band"):
-        t.add_column(col, justify="left" if col in ("name", "vendor", "time band") else "right")
+    if as_json:
+        from dpquant_sim.cli.output import json_document
+
+        typer.echo(json_document({"profiles": [hw_list_row(p) for p in profs.values()]}))
+        return
+    from dpquant_sim.cli.tables import print_fitting
+
+    names = ["name", "vendor", *LIST_PRECISIONS, "BW TB/s", "mem GB", "TDP W", "$/h", "max dev", "time band"]
+    rows = []
     for p in profs.values():
         lo, hi, basis = p.error_band
-        t.add_row(p.name, p.vendor, *(_fmt_peak(p, c) for c in ("fp32", "bf16", "fp8", "fp6", "fp4", "int8")),
-                  f"{p.bandwidth / 1e12:.3g}", f"{p.capacity_bytes / 1e9:.0f}",
-                  "n/p" if p.tdp_w is None else f"{p.tdp_w:g}",
-                  "n/a" if p.price_per_hour is None else f"{p.price_per_hour.value:g}*",
-                  str(p.max_devices), f"{lo * 100:+.0f}/{hi * 100:+.0f}% {basis}")
-    Console(width=180).print(t)
+        rows.append([p.name, p.vendor, *(_fmt_peak(p, c) for c in LIST_PRECISIONS),
+                     f"{p.bandwidth / 1e12:.3g}", f"{p.capacity_bytes / 1e9:.0f}",
+                     "n/p" if p.tdp_w is None else f"{p.tdp_w:g}",
+                     "n/a" if p.price_per_hour is None else f"{p.price_per_hour.value:g}*",
+                     str(p.max_devices), f"{lo * 100:+.0f}/{hi * 100:+.0f}% {basis}"])
+    # as wide as the terminal (80 columns when not one); what does not fit goes to a continuation table
+    print_fitting(Console(), "accelerator profiles (dense peaks, TFLOP/s or TOP/s; '-> x': runs as x)", names, rows,
+                  fixed=1, left=("name", "vendor", "time band"))
     typer.echo("$/h: public on-demand price per device-hour (* unverified list price; see `hw show NAME`). time band: "
                "range of the GEMM model's cross-validated error (measured on this device, transferred from one, or "
                "the generic band).")

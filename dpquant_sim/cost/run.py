@@ -1,10 +1,12 @@
-"""Cost of a finished training run: per epoch and per accelerator, from run_info.json + metrics.csv plans.
+"""Cost of a finished training run: per epoch and per accelerator, from run_info.json, metrics.csv and plans.jsonl.
 
 The run directory (written by the training engine) holds ``run_info.json`` (model, input_shape, num_classes,
 n_train, batch_size, sample_rate, steps_per_epoch, ...), ``config.yaml`` and ``metrics.csv`` with one row per
 epoch and the epoch's :class:`~dpquant_sim.plan.EpochPlan` as JSON in the ``plan`` column. The model is
 rebuilt from its name (no weights are read) and traced once; all epochs x accelerators are evaluated with
-the vectorized sweep. Under a ``dpquant`` schedule the sensitivity estimator's forward passes are added as
+the vectorized sweep. A channel-pruned run (run_info.json ``prune.kept_channel_fraction``) is costed with its
+pruned layers' smaller GEMMs (:func:`pruned_shapes`). Under a ``dpquant`` schedule the sensitivity
+estimator's forward passes are added as
 T_est (every ``interval`` epochs: a Poisson sample of ``sample_rate * n_train`` examples, L + 1 forwards).
 
 The run is costed under the clipping algorithm it used (run_info.json's ``clipping``), or under others on
@@ -46,9 +48,11 @@ def _read_run(run_dir: Path) -> tuple[dict, dict, pd.DataFrame]:
     cfg = {}
     if (run_dir / "config.yaml").is_file():
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    metrics = pd.read_csv(run_dir / "metrics.csv")
-    if "plan" not in metrics.columns:
-        raise ConfigError("run", str(run_dir), "metrics.csv with a 'plan' column (EpochPlan JSON per epoch)")
+    from dpquant_sim.plan import PLANS_FILE, read_metrics
+
+    metrics = read_metrics(run_dir)
+    if "plan" not in metrics.columns or (len(metrics) and metrics["plan"].isna().all()):
+        raise ConfigError("run", str(run_dir), f"a run directory with {PLANS_FILE} (each epoch's plan)")
     return info, cfg, metrics
 
 
@@ -108,6 +112,26 @@ def build_shapes(model: str, input_shape: Sequence[int], num_classes: int):
     return trace_layers(m, input_shape)
 
 
+def pruned_shapes(shapes, kept_channel_fraction: dict[str, float]):
+    """``shapes`` with channel pruning applied (run_info.json's ``prune.kept_channel_fraction``): a GEMM layer
+    that keeps a share f < 1 of its output channels computes round(f x N) of them (its GEMM's N, its output
+    and weight shapes and its parameters shrink). Conservative: every other layer is unchanged (the next
+    layer's input channels are not removed: after a normalisation layer a pruned channel is not zero)."""
+    import dataclasses
+
+    out = []
+    for s in shapes:
+        f = float(kept_channel_fraction.get(s.name, 1.0))
+        if s.is_gemm and f < 1.0:
+            m, k, n = s.gemm_mnk
+            n2 = max(1, int(round(f * n)))
+            w = (n2, *s.weight_shape[1:])
+            s = dataclasses.replace(s, gemm_mnk=(m, k, n2), out_shape=(n2, *s.out_shape[1:]), weight_shape=w,
+                                    params=math.prod(w) + (n2 if s.has_bias else 0))
+        out.append(s)
+    return out
+
+
 def estimator_forward_s(shapes, profile: HardwareProfile, examples: float, *,
                         base: str = "bf16") -> tuple[float, float]:
     """(theoretical, roofline) seconds of one forward pass over ``examples`` examples (no backward)."""
@@ -119,7 +143,7 @@ def estimator_forward_s(shapes, profile: HardwareProfile, examples: float, *,
 
 
 def run_plans(run_dir: str | Path) -> list[EpochPlan]:
-    """Every epoch's EpochPlan of a finished run (metrics.csv)."""
+    """Every epoch's EpochPlan of a finished run (plans.jsonl, joined to metrics.csv on epoch)."""
     _, _, metrics = _read_run(Path(run_dir))
     return [EpochPlan.from_json(s) if isinstance(s, str) and s.strip() else EpochPlan(epoch=i)
             for i, s in enumerate(metrics["plan"])]
@@ -220,6 +244,9 @@ def cost_run(run_dir: str | Path, profiles: Iterable[str | HardwareProfile] | No
             else:
                 raise ConfigError("hw", p, tuple(known))
     shapes = build_shapes(info["model"], info["input_shape"], info["num_classes"])
+    kept = (info.get("prune") or {}).get("kept_channel_fraction") or {}
+    if any(float(v) < 1.0 for v in kept.values()):  # channel-pruned run: its smaller GEMMs (speedups below are
+        shapes = pruned_shapes(shapes, kept)        # vs the PRUNED model in fp32/bf16; compare runs' times)
     batch = float(info.get("batch_size") or info["sample_rate"] * info["n_train"])
     dp = bool(cfg.get("private", info.get("private", True)))
     opt = _optimizer(cfg)

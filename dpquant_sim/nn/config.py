@@ -30,6 +30,7 @@ FORMAT_HW_CLASS: dict[str, str] = {
     "int8": "int8",
     "int4": "int4",
     "log4": "fp4",
+    "luq_log4": "fp4",
 }
 # Bits per element of each hardware class (used to pick the wider operand of a GEMM and to count bytes).
 HW_CLASS_BITS: dict[str, int] = {
@@ -62,12 +63,15 @@ class LayerQuantConfig:
         weight: spec for W (per-channel or per-tensor scaling is fine: weights are not private data).
         activation: spec for the layer input x (must be per sample or per block under DP).
         grad: spec for the output gradient dy (must be per sample or per block under DP).
+        private_alternative: for a recipe that is not DP-safe, the DP-safe recipe to use instead (named in the
+            refusal).
     """
 
     name: str
     weight: QuantSpec
     activation: QuantSpec
     grad: QuantSpec
+    private_alternative: str | None = None
 
     @property
     def dp_safe(self) -> bool:
@@ -76,15 +80,19 @@ class LayerQuantConfig:
 
     def check_dp_safe(self) -> None:
         """Raise DPSafetyError if an activation or gradient scale would mix examples of a batch."""
-        for role in ("activation", "grad"):
-            spec: QuantSpec = getattr(self, role)
-            if not spec.dp_safe_for_data:
-                raise DPSafetyError(
-                    f"recipe {self.name!r}: {role} scaling={spec.scaling!r} computes one scale over the whole "
-                    "batch, so one example's input changes another example's per-sample gradient before "
-                    "clipping and the DP guarantee no longer holds. Use scaling='sample', 'mx' or 'nvfp4' "
-                    "for activations and gradients."
-                )
+        bad = [role for role in ("activation", "grad") if not getattr(self, role).dp_safe_for_data]
+        if not bad:
+            return
+        what = " and ".join(f"{role} scaling={getattr(self, role).scaling!r}" for role in bad)
+        fix = (f"Use recipe {self.private_alternative!r} (the same quantizer with per-sample scales), or train "
+               "non-private (--non-private)." if self.private_alternative else
+               "Use scaling='sample', 'mx' or 'nvfp4' for activations and gradients.")
+        raise DPSafetyError(
+            f"recipe {self.name!r} is refused under DP: its {what} {'compute' if len(bad) > 1 else 'computes'} "
+            "one scale over the whole batch, so one example's input changes another example's per-sample "
+            "gradient before clipping and the per-example sensitivity bound (||S_D - S_D'|| <= C) no longer "
+            "holds. " + fix
+        )
 
     def gemm_precisions(self) -> tuple[str, str, str]:
         """Hardware precision class of the (forward, dgrad, wgrad) GEMMs."""
@@ -101,6 +109,44 @@ def _recipe(name: str, w: str, a: str, g: str, *, w_scale="channel", d_scale="sa
     )
 
 
+def luq_recipe(
+    name: str = "luq_fp4",
+    *,
+    weight_scaling: str = "channel",
+    grad_format: str = "luq_log4",
+    batch_scales: bool = False,
+) -> LayerQuantConfig:
+    """LUQ 4-bit training (Chmiel et al., ICLR 2023): SAWB INT4 forward, radix-2 FP4 output gradients.
+
+    * weights and activations: int4 with SAWB clipping (c = 12.1 sqrt(E[x^2]) - 12.2 E|x|; unsigned 0..15
+      for a group that is all >= 0, e.g. after a ReLU, else signed -7..7), round to nearest;
+    * output gradients: LUQ's radix-2 grid (``luq_log4``: the group's amax maps to 16, values 0 and
+      +-2^e for e in -3..4, i.e. amax * 2^-k, k = 0..7) with stochastic underflow below amax / 2^7 and
+      unbiased stochastic rounding between neighbouring powers of two (E[q(g)] = g).
+
+    Args:
+        name: the recipe name recorded in plans and metrics.
+        weight_scaling: "channel" (SAWB per output channel; the default) or "tensor" (one SAWB clip per
+            weight tensor, as LUQ's reference code; the recipe ``luq_fp4_wtensor``).
+        grad_format: "luq_log4" (LUQ's 8 powers of two plus 0; the default) or "log4" (7 powers of two and a
+            zero code: amax * 2^-k, k = 0..6, underflow below amax / 2^6; every value has a 4-bit code).
+        batch_scales: False: activation and gradient statistics per sample (DP-safe). True: over the whole
+            batch, as LUQ (refused under DP; for non-private runs), weights then per tensor.
+
+    >>> luq_recipe().gemm_precisions()
+    ('int4', 'fp4', 'fp4')
+    """
+    d_scale = "tensor" if batch_scales else "sample"
+    return LayerQuantConfig(
+        name=name,
+        weight=QuantSpec("int4", scaling="tensor" if batch_scales else weight_scaling, rounding="nearest",
+                         clip="sawb"),
+        activation=QuantSpec("int4", scaling=d_scale, rounding="nearest", clip="sawb"),
+        grad=QuantSpec(grad_format, scaling=d_scale, rounding="stochastic"),
+        private_alternative="luq_fp4" if batch_scales else None,
+    )
+
+
 # Named recipes. Gradients use stochastic rounding (unbiased), weights/activations round to nearest.
 RECIPES: dict[str, LayerQuantConfig] = {
     "fp8": _recipe("fp8", "fp8_e4m3", "fp8_e4m3", "fp8_e5m2"),
@@ -112,6 +158,12 @@ RECIPES: dict[str, LayerQuantConfig] = {
     "nvfp4": _recipe("nvfp4", "fp4_e2m1", "fp4_e2m1", "fp4_e2m1", w_scale="nvfp4", d_scale="nvfp4"),
     "int8": _recipe("int8", "int8", "int8", "int8"),
     "int4": _recipe("int4", "int4", "int4", "int4"),
+    # LUQ (docs/formats.md): per-sample activation/gradient statistics (DP-safe), SAWB weights per channel
+    "luq_fp4": luq_recipe("luq_fp4"),
+    # the same with one SAWB clip per weight tensor, as LUQ's reference code (weights are not private data)
+    "luq_fp4_wtensor": luq_recipe("luq_fp4_wtensor", weight_scaling="tensor"),
+    # LUQ's original batch-wide statistics: non-private runs only (refused under DP, see check_dp_safe)
+    "luq_fp4_batch": luq_recipe("luq_fp4_batch", batch_scales=True),
 }
 
 

@@ -1,4 +1,4 @@
-"""Typed number formats: OCP fp8/fp6/fp4, symmetric ints, bf16/fp16 and LUQ's radix-2 log4.
+"""Typed number formats: OCP fp8/fp6/fp4, symmetric ints, bf16/fp16 and radix-2 log4 / luq_log4 (LUQ).
 
 Every format is a frozen dataclass with its derived constants (bias, max, smallest normal and subnormal) so
 that callers never recompute them. The quantizer (``quantize.py``) reads only ``ebits``, ``mbits``, ``bias``,
@@ -15,6 +15,7 @@ fp4_e2m1   2      1      1     6           1            0.5             none (al
 bf16       8      7      127   3.3895e38   2^-126       2^-133          IEEE
 fp16       5      10     15    65504       2^-14        2^-24           IEEE
 log4       3      0      3     16          0.25         (none)          none; values +-2^e, e in -2..4, and 0
+luq_log4   3      0      3     16          0.125        (none)          none; values +-2^e, e in -3..4, and 0
 int8       -      -      -     127         1            1               none; symmetric [-127, 127]
 int4       -      -      -     7           1            1               none; symmetric [-7, 7]
 =========  =====  =====  ====  ==========  ===========  ==============  ===========================
@@ -57,9 +58,13 @@ class FloatFormat:
         nan: "ieee" (top exponent with nonzero mantissa), "all_ones" (only S.1..1.1..1, OCP e4m3fn) or
             "none" (fp6, fp4, log4: every code is finite).
         saturate_only: overflow always clamps to +-max (fp6/fp4/log4 have no inf or NaN to overflow to).
-        has_subnormals: False only for log4 (mbits=0: its E = 0 code is zero).
-        max: largest finite value. min_normal: 2^(1 - bias). min_subnormal: 2^(1 - bias - mbits) (for log4,
-            which has no subnormals, equal to min_normal).
+        has_subnormals: False only for the radix-2 formats log4 and luq_log4 (mbits=0: no subnormals).
+        zero_code: True (every format but luq_log4): E = 0 encodes zero (or the subnormals). False
+            (luq_log4): every exponent code E = 0 .. 2^ebits - 1 is the power 2^(E - bias), and 0 is one more
+            value outside the 2^bits codes (as LUQ counts its radix-2 FP4: 8 powers of two plus the zero that
+            stochastic underflow produces; 17 values per sign pair, one more than 4 bits encode).
+        max: largest finite value. min_normal: 2^(1 - bias) (2^-bias without a zero code). min_subnormal:
+            2^(1 - bias - mbits) (for log4 and luq_log4, which have no subnormals, equal to min_normal).
         emin, emax: exponents of the smallest normal and of ``max`` (unbiased).
 
     Example:
@@ -75,6 +80,7 @@ class FloatFormat:
     nan: NanRule
     saturate_only: bool
     has_subnormals: bool = True
+    zero_code: bool = True
     max: float = field(init=False)
     min_normal: float = field(init=False)
     min_subnormal: float = field(init=False)
@@ -90,7 +96,7 @@ class FloatFormat:
         else:  # every code finite
             e_max_field, m_max = top, (1 << self.mbits) - 1
         emax = e_max_field - self.bias
-        emin = 1 - self.bias
+        emin = 1 - self.bias if self.zero_code else -self.bias
         mx = math.ldexp(1.0 + m_max / (1 << self.mbits), emax) if self.mbits else math.ldexp(1.0, emax)
         object.__setattr__(self, "emax", emax)
         object.__setattr__(self, "emin", emin)
@@ -118,7 +124,7 @@ class FloatFormat:
         vals = {0.0}
         for e_field in range(1 << self.ebits):
             for m in range(1 << self.mbits):
-                if e_field == 0:
+                if e_field == 0 and self.zero_code:
                     if not self.has_subnormals:
                         continue
                     v = math.ldexp(m / (1 << self.mbits), self.emin)
@@ -198,6 +204,12 @@ FORMATS: dict[str, Format] = {
         # underflow (|x| < 0.25 -> 0 or 0.25, unbiased) and its normal path the unbiased rounding between
         # neighbouring powers of two. Scaling maps a tensor's amax to 16; the underflow threshold is amax/64.
         FloatFormat("log4", 3, 0, 3, has_inf=False, nan="none", saturate_only=True, has_subnormals=False),
+        # LUQ's own radix-2 grid (Chmiel et al., ICLR 2023, and its reference code): underflow threshold
+        # alpha = amax / 2^(2^3 - 1) = amax / 2^7 and the 8 powers alpha * 2^j, j = 0..7 (2^-3 .. 2^4 once
+        # amax maps to 16), plus 0 from stochastic underflow. The same kernel paths as log4 with emin = -3:
+        # |x| < 0.125 -> 0 or 0.125 (unbiased), above it unbiased rounding between neighbouring powers of two.
+        FloatFormat("luq_log4", 3, 0, 3, has_inf=False, nan="none", saturate_only=True, has_subnormals=False,
+                    zero_code=False),
         IntFormat("int8", 8),
         IntFormat("int4", 4),
     )

@@ -22,6 +22,16 @@ Scales (all computed in float32):
   elements ``q = fmt(x * (S / s_b))`` with saturation; result ``q * (s_b / S)``. Any element format can
   be used; NVFP4 proper is ``fp4_e2m1``.
 
+SAWB clipping (``clip="sawb"``, with ``tensor`` / ``channel`` / ``sample`` scaling of ``int4``; the forward
+quantizer of LUQ, Chmiel et al. ICLR 2023, after Choi et al. 2018): each group's clipping value is
+``c = 12.1 * sqrt(E[x^2]) - 12.2 * E|x|`` (means over the group's elements, accumulated in float64, c rounded
+to float32). A group whose elements are all >= 0 (e.g. after a ReLU) is quantized unsigned, to the integers
+0..15 times ``c / 15``; any other group signed, to -7..7 times ``c / 7`` (symmetric: the int4 code -8 is not
+used, so that q(-x) = -q(x) and a zero-mean group is not biased, as for the amax-scaled int4 here). Elements
+beyond the clip saturate; round half to even (``rounding="nearest"``). A group whose c is not positive (its
+elements all have the same magnitude, e.g. a single element: then sqrt(E[x^2]) = E|x| and c = -0.1 |x|) falls
+back to c = amax; amax 0 or non-finite leaves the group unscaled, as above.
+
 Blocks and per-sample statistics never cross dim 0 ("the batch"); a 0-d or 1-d tensor counts as one
 sample. A last dim that is not a multiple of the block is padded with zeros inside the sample (zeros
 never change a block's amax) and the padding is stripped from the result (``pad=False`` makes it an
@@ -39,7 +49,7 @@ from __future__ import annotations
 import torch
 
 from dpquant_sim.errors import ConfigError, check_choice
-from dpquant_sim.numerics.formats import Format, get_format
+from dpquant_sim.numerics.formats import Format, IntFormat, get_format
 from dpquant_sim.numerics.quantize import OVERFLOWS, ROUNDINGS, _check_tensor, quantize
 
 SCALINGS = ("none", "tensor", "channel", "sample", "mx", "nvfp4")
@@ -47,6 +57,69 @@ MX_BLOCK = 32
 NVFP4_BLOCK = 16
 _E4M3_MAX = 448.0
 _FP4_MAX = 6.0
+CLIPS = ("amax", "sawb")
+# SAWB coefficients (c1, c2) per integer bit width: c = c1 * sqrt(E[x^2]) - c2 * E|x|. 4 bits: the values LUQ's
+# reference implementation uses (Chmiel et al. 2023; fitted by Choi et al. 2018).
+SAWB_COEFFS: dict[int, tuple[float, float]] = {4: (12.1, 12.2)}
+SAWB_SCALINGS = ("tensor", "channel", "sample")
+
+
+def check_sawb(fmt: "str | Format", scaling: str) -> None:
+    """Raise ConfigError unless SAWB clipping is defined for ``fmt`` and ``scaling`` (int4; tensor/channel/sample)."""
+    f = get_format(fmt)
+    if not isinstance(f, IntFormat) or f.nbits not in SAWB_COEFFS:
+        raise ConfigError("format", f.name, f"an integer format with SAWB coefficients when clip='sawb': "
+                          f"{', '.join(f'int{b}' for b in SAWB_COEFFS)}")
+    check_choice("scaling", scaling, SAWB_SCALINGS)
+
+
+def _group_mean(t: torch.Tensor, keep_dim: int | None) -> torch.Tensor:
+    """Mean over all dims (keep_dim None) or over all dims but ``keep_dim`` (keepdim, broadcastable)."""
+    if keep_dim is None or t.dim() == 0:
+        return t.mean()
+    dims = [d for d in range(t.dim()) if d != keep_dim]
+    return t.mean(dim=dims, keepdim=True) if dims else t
+
+
+def sawb_clip(x: torch.Tensor, keep_dim: int | None, bits: int = 4) -> torch.Tensor:
+    """SAWB's clipping value ``c1 * sqrt(E[x^2]) - c2 * E|x|`` per group (float32; may be <= 0, see above).
+
+    Groups as in :func:`quantize_scaled`: the whole tensor (``keep_dim`` None) or every index of ``keep_dim``.
+    The means are accumulated in float64 so that a group's c does not depend on how the reduction is split
+    (a batch of one and its row in a batch give the same float32 c).
+
+    >>> x = torch.tensor([[1.0, -1.0, 3.0, -3.0]])
+    >>> round(sawb_clip(x, 0).item(), 4)   # sqrt(E[x^2]) = sqrt(5), E|x| = 2
+    2.6564
+    """
+    c1, c2 = SAWB_COEFFS[bits]
+    xd = x.to(torch.float64)
+    m2, m1 = _group_mean(xd * xd, keep_dim), _group_mean(xd.abs(), keep_dim)
+    return (c1 * m2.sqrt() - c2 * m1).to(torch.float32)
+
+
+def _apply_sawb(x: torch.Tensor, f: IntFormat, keep_dim: int | None, q) -> torch.Tensor:
+    """SAWB-clipped integer quantization per group (see the module docstring); ``q(t, fmt)`` rounds."""
+    c = sawb_clip(x, keep_dim, f.nbits)
+    amax = _group_amax(x, keep_dim)
+    c = torch.where((c > 0) & torch.isfinite(c), c, amax)
+    if keep_dim is None or x.dim() == 0:
+        unsigned = x.amin() >= 0 if x.numel() else torch.ones((), dtype=torch.bool)
+    else:
+        dims = [d for d in range(x.dim()) if d != keep_dim]
+        unsigned = x.amin(dim=dims, keepdim=True) >= 0 if dims else x >= 0
+    qmax_s = float((1 << (f.nbits - 1)) - 1)  # 7
+    qmax_u = float((1 << f.nbits) - 1)  # 15
+    top = torch.where(unsigned, qmax_u, qmax_s).to(torch.float32)
+    ok = (c > 0) & torch.isfinite(c)
+    scale = torch.where(ok, top / torch.where(ok, c, 1.0), 1.0)
+    y = torch.minimum(torch.maximum(x * scale, -top), top)  # -top only reached by signed groups
+    return q(y, _UINT_GRID[f.nbits]) / scale
+
+
+# The rounding grid of SAWB groups after the clamp above: the integers in [-(2^n - 1), 2^n - 1] (an n+1-bit
+# symmetric int), so that unsigned groups reach 0..2^n - 1 and signed ones, already clamped, -qmax..qmax.
+_UINT_GRID: dict[int, IntFormat] = {b: IntFormat(f"int{b + 1}", b + 1) for b in SAWB_COEFFS}
 
 
 def mx_emax(fmt: "str | Format") -> int:
@@ -103,6 +176,7 @@ def quantize_scaled(
     block_size: int | None = None,
     pad: bool = True,
     backend: str | None = None,
+    clip: str = "amax",
 ) -> torch.Tensor:
     """Quantize-dequantize ``x`` with ``fmt`` under ``scaling``; returns float32 of ``x``'s shape.
 
@@ -114,6 +188,8 @@ def quantize_scaled(
         channel_dim: the channel dim for scaling="channel" (0 = output channels of a weight).
         block_size: override the MX (32) / NVFP4 (16) block length; a positive int.
         pad: zero-pad a last dim that is not a multiple of the block (inside each sample); False -> error.
+        clip: "amax" (the group's amax maps to the format's max) or "sawb" (SAWB clipping, int4 with tensor,
+            channel or sample scaling; see the module docstring).
 
     Example:
         >>> x = torch.arange(64, dtype=torch.float32).reshape(2, 32)
@@ -125,6 +201,9 @@ def quantize_scaled(
     check_choice("scaling", scaling, SCALINGS)
     check_choice("rounding", rounding, ROUNDINGS)
     check_choice("overflow", overflow, OVERFLOWS)
+    check_choice("clip", clip, CLIPS)
+    if clip == "sawb":
+        check_sawb(f, scaling)
     if not isinstance(channel_dim, int) or isinstance(channel_dim, bool) or not (
         -max(x.dim(), 1) <= channel_dim < max(x.dim(), 1)
     ):
@@ -141,6 +220,15 @@ def quantize_scaled(
 
     if x.numel() == 0 or scaling == "none":
         return q(x)
+    if clip == "sawb":
+        def qg(t: torch.Tensor, grid: Format) -> torch.Tensor:
+            return quantize(t, grid, rounding=rounding, overflow=overflow, generator=generator, backend=backend)
+
+        if scaling == "tensor" or x.dim() == 0 or (scaling == "sample" and x.dim() <= 1):
+            keep = None
+        else:
+            keep = channel_dim % x.dim() if scaling == "channel" else 0
+        return _apply_sawb(x, f, keep, qg)
     if scaling == "tensor":
         return _apply_scale(x, f, _group_amax(x, None), q)
     if scaling == "channel":

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from dpquant_sim.numerics.spec import QuantSpec
 def _apply(x: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None, channel_dim: int) -> torch.Tensor:
     return quantize_scaled(
         x, spec.format, spec.scaling, rounding=spec.rounding, overflow=spec.overflow, generator=generator,
-        channel_dim=channel_dim,
+        channel_dim=channel_dim, clip=spec.clip,
     ).to(x.dtype)
 
 
@@ -57,7 +58,7 @@ class FakeQuantize(torch.autograd.Function):
         xb = x.movedim(bdim, 0)  # (B, *slice_shape)
         B, slice_shape = xb.shape[0], xb.shape[1:]
         sc = spec.scaling
-        per_sample = QuantSpec(spec.format, "sample", spec.rounding, spec.overflow)
+        per_sample = replace(spec, scaling="sample")
         if sc == "none":
             y = _apply(xb, spec, generator, 0)
         elif sc == "tensor" or (len(slice_shape) == 0 and sc == "channel") or (

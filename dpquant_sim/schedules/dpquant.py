@@ -18,7 +18,24 @@ schedule's sampling, at the same budget), so the first scores are measured on a 
    estimator's sensitivity factor (the clipped sum's L2 sensitivity in units of C: 1 for ``forward``, 2 for
    ``training``). An auto sigma is calibrated so that the accounted sigma / f meets the estimator's budget.
 
-Every epoch, from the current smoothed scores s:
+Every epoch, from the current smoothed scores s, one of two samplers (``sampler``):
+
+``'paper'`` (default; the DPQuant paper's rule, DESIGN.md section 1):
+
+- pi = softmax(-beta * s) over the n layers (``beta``, default 100 per unit of loss delta). The scores enter
+  raw, as in the paper (``score_scale`` None means ``'none'`` for this sampler; softmax ignores the centring);
+  any ``score_scale`` below may be set instead, and then beta is per unit of the normalised score.
+- exactly k = round(budget * n) layers (halves up, at least 1; ``budget_unit`` must be ``'layers'``, the
+  default of this schedule), drawn one at a time without replacement, each draw proportional to the pi of the
+  layers not drawn yet (``budget.successive_draw``).
+- Such draws do NOT include layer l with probability proportional to pi_l: without replacement they are
+  flatter (a layer cannot be drawn twice). The plan's ``probs`` are the exact inclusion probabilities of the
+  draw, P(l among the k) (``budget.successive_inclusion_probabilities``, summing to k); ``info.pi_softmax``
+  holds pi and ``info.draw_order`` the drawn layers in order.
+- Warm-up epochs draw k layers uniformly (inclusion k / n).
+
+``'uniform-mix-systematic'`` (the earlier rule of this tool; temperature, uniform_mix and an expected FLOP or
+layer budget):
 
 - normalise (``score_scale``): ``'std'`` (default) z_l = (s_l - mean s) / max(std s, sigma C / n_exp), so
   the temperature is in units of the spread between layers (loss deltas are small numbers, 1e-3..1, whose
@@ -33,8 +50,9 @@ Every epoch, from the current smoothed scores s:
 - inclusion probabilities pi_l = min(1, c p_l) meeting the budget exactly in expectation
   (``budget.inclusion_probabilities``), and the set drawn by systematic sampling (``budget.draw_subset``).
 
-The plan records ``scores`` (smoothed, un-normalised loss deltas), ``probs`` (pi_l: the probability that
-layer l is quantized this epoch), and in ``info`` the sampling weights p_l, the expected/realised shares,
+The plan records ``scores`` (smoothed, un-normalised loss deltas), ``probs`` (the probability that
+layer l is quantized this epoch), and in ``info`` the sampler, its weights (``pi_softmax`` for 'paper',
+``sampling_weights`` p_l for 'uniform-mix-systematic'), the expected/realised shares,
 whether this epoch estimated, the estimator's expected sample size q*N (never the realised size: that is
 data), and its own epsilon so far (the ledger's ``breakdown()``, else opacus RDP at the ledger's delta; the run's
 total is the engine's to record).
@@ -68,7 +86,8 @@ from dpquant_sim.errors import ConfigError, DPSafetyError
 from dpquant_sim.plan import EpochPlan
 from dpquant_sim.schedules.base import ScheduleContext
 from dpquant_sim.schedules.budget import (
-    build_plan, draw_subset, expected_share, inclusion_probabilities, layer_sizes, realized_share,
+    build_plan, draw_subset, expected_share, inclusion_probabilities, layer_count, layer_sizes, realized_share,
+    softmax_weights, successive_draw, successive_inclusion_probabilities,
 )
 from dpquant_sim.schedules.configs import DPQuantConfig
 from dpquant_sim.schedules.random_rotation import OwnRng
@@ -119,6 +138,39 @@ def sampling_weights(
     return (1.0 - uniform_mix) * soft + uniform_mix / L
 
 
+def score_scale_mode(cfg: DPQuantConfig) -> str:
+    """The score normalisation in force: ``cfg.score_scale``, or the sampler's default when it is None
+    ('none', raw loss deltas as in the paper, for sampler 'paper'; 'std' for 'uniform-mix-systematic')."""
+    if cfg.score_scale is not None:
+        return cfg.score_scale
+    return "none" if cfg.sampler == "paper" else "std"
+
+
+_MIX_ONLY = {f: DPQuantConfig.model_fields[f].default for f in ("temperature", "uniform_mix")}
+_PAPER_ONLY = {f: DPQuantConfig.model_fields[f].default for f in ("beta",)}
+
+
+def check_sampler_fields(cfg: DPQuantConfig) -> None:
+    """Refuse settings the chosen sampler would silently ignore (a field away from its default that only the
+    other sampler reads), and a FLOP budget with the paper sampler (it draws a number of layers)."""
+    if cfg.sampler == "paper":
+        if cfg.budget_unit != "layers":
+            raise ConfigError("schedule.budget_unit", cfg.budget_unit, "'layers' with sampler 'paper' (it draws "
+                              "k = round(budget x n) layers each epoch); for a FLOP budget use sampler "
+                              "'uniform-mix-systematic'")
+        for f, d in _MIX_ONLY.items():
+            if getattr(cfg, f) != d:
+                raise ConfigError(f"schedule.{f}", getattr(cfg, f), f"its default {d} with sampler 'paper' (it is "
+                                  "read only by sampler 'uniform-mix-systematic'; the paper sampler's sharpness is "
+                                  "beta)")
+    else:
+        for f, d in _PAPER_ONLY.items():
+            if getattr(cfg, f) != d:
+                raise ConfigError(f"schedule.{f}", getattr(cfg, f), f"its default {d} with sampler "
+                                  f"{cfg.sampler!r} (it is read only by sampler 'paper'; this sampler's sharpness "
+                                  "is temperature)")
+
+
 def num_estimates(epochs: int, interval: int, warmup: int = 0) -> int:
     """Estimates in a run of ``epochs`` epochs: at epochs W, W + R, W + 2R, ... (= ceil((epochs - W) / R)).
 
@@ -149,6 +201,7 @@ class DPQuantSchedule(OwnRng):
     def __init__(self, cfg: DPQuantConfig):
         super().__init__()
         self.cfg = cfg
+        check_sampler_fields(cfg)
         self.scores: dict[str, float] | None = None  # EMA-smoothed estimates, by layer name
         self.estimates = 0  # number of estimator runs so far (each one accounted mechanism in private runs)
         self.last_estimate_epoch: int | None = None
@@ -234,7 +287,7 @@ class DPQuantSchedule(OwnRng):
         self.expected_size = float(n_exp)
 
     def _scale(self, s: np.ndarray, private: bool) -> float:
-        mode = self.cfg.score_scale
+        mode = score_scale_mode(self.cfg)
         if mode == "none":
             return 1.0
         if mode == "clip":
@@ -285,6 +338,8 @@ class DPQuantSchedule(OwnRng):
         if names and not warming and (due or self.scores is None or set(self.scores) != set(names)):
             self._estimate(ctx, names, rng)
             estimated = True
+        if cfg.sampler == "paper":
+            return self._plan_paper(ctx, names, rng, estimated=estimated, warming=warming)
         sizes = layer_sizes([layer.flops for layer in ctx.layers], cfg.budget_unit) if names else np.zeros(0)
         if warming:  # uniform rotation until the first estimate: the random schedule's sampling
             s = np.zeros(len(names))
@@ -297,6 +352,7 @@ class DPQuantSchedule(OwnRng):
         mask = draw_subset(pi, rng) if names else np.zeros(0, dtype=bool)
         info: dict[str, Any] = {
             "schedule": "dpquant",
+            "sampler": cfg.sampler,
             "budget": cfg.budget,
             "budget_unit": cfg.budget_unit,
             "estimated": estimated,
@@ -308,6 +364,57 @@ class DPQuantSchedule(OwnRng):
             "expected_share": expected_share(pi, sizes) if names else 0.0,
             "realized_share": realized_share(mask, sizes) if names else 0.0,
         }
+        self._record_estimator_epsilon(ctx, info)
+        return build_plan(ctx, mask, scores=dict(self.scores or {}), probs={n: float(p) for n, p in zip(names, pi)},
+                          info=info)
+
+    def _plan_paper(self, ctx: ScheduleContext, names: list[str], rng: np.random.Generator, *, estimated: bool,
+                    warming: bool) -> EpochPlan:
+        """The paper's sampler: pi = softmax(-beta x scaled scores), k = round(budget x n) layers drawn one at a
+        time without replacement, each draw proportional to the remaining pi (see the module docstring)."""
+        cfg = self.cfg
+        n = len(names)
+        if warming or not names:  # uniform rotation until the first estimate
+            logits = np.zeros(n)
+        else:
+            s = np.array([self.scores[nm] for nm in names])
+            scale = self._scale(s, ctx.private)
+            z = np.zeros(n) if (scale <= 0 or not np.isfinite(scale)) else (s - s.mean()) / scale
+            logits = -cfg.beta * z
+        if not names:
+            return build_plan(ctx, np.zeros(0, dtype=bool), scores={}, probs={}, info={"schedule": "dpquant"})
+        k = layer_count(cfg.budget, n)
+        pi = softmax_weights(logits)
+        incl = successive_inclusion_probabilities(logits, k)
+        drawn = successive_draw(logits, k, rng)
+        mask = np.zeros(n, dtype=bool)
+        mask[drawn] = True
+        sizes = layer_sizes([layer.flops for layer in ctx.layers], "layers")
+        info: dict[str, Any] = {
+            "schedule": "dpquant",
+            "sampler": "paper",
+            "budget": cfg.budget,
+            "budget_unit": "layers",
+            "k": k,
+            "beta": cfg.beta,
+            "score_scale": score_scale_mode(cfg),
+            "estimated": estimated,
+            "warmup": warming,
+            "estimates": self.estimates,
+            "estimator_expected_size": self.expected_size,
+            # pi: the softmax weights each draw is proportional to (among the layers not drawn yet); the plan's
+            # ``probs`` are the draw's exact inclusion probabilities P(layer quantized this epoch), sum = k
+            "pi_softmax": {nm: float(w) for nm, w in zip(names, pi)},
+            "draw_order": [names[i] for i in drawn],
+            "expected_share": float(incl.sum() / n),
+            "realized_share": realized_share(mask, sizes),
+        }
+        self._record_estimator_epsilon(ctx, info)
+        return build_plan(ctx, mask, scores=dict(self.scores or {}), probs={nm: float(p) for nm, p in zip(names, incl)},
+                          info=info)
+
+    def _record_estimator_epsilon(self, ctx: ScheduleContext, info: dict[str, Any]) -> None:
+        cfg = self.cfg
         if ctx.private:
             delta = getattr(ctx.ledger, "delta", None) or ctx.extra.get("delta", DEFAULT_DELTA)
             eps_est = None
@@ -320,8 +427,6 @@ class DPQuantSchedule(OwnRng):
             info["estimator_delta"] = float(delta)
         else:
             info["estimator_epsilon"] = 0.0
-        return build_plan(ctx, mask, scores=dict(self.scores or {}), probs={n: float(p) for n, p in zip(names, pi)},
-                          info=info)
 
     # --- resume --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -2,11 +2,14 @@
 
 Pre-pruning (``apply_pruning``), once before training, per quantizable layer (Linear/Conv2d weights):
 
-- ``method``: ``random`` (seeded), ``magnitude`` (|w|; per output channel: L1 norm of the channel), or
-  ``snip-free``: a data-free saliency, one-shot SynFlow (Tanaka et al. 2020): with every parameter replaced by
+- ``method``: ``random`` (seeded), ``magnitude`` (|w|; per output channel: L1 norm of the channel),
+  ``synflow``: a data-free saliency, one-shot SynFlow (Tanaka et al. 2020): with every parameter replaced by
   its absolute value (float64), normalisation layers bypassed (identity) and an all-ones input, R = sum of the
   outputs; the score of weight w is |w * dR/dw| (its share of all input-to-output path products). Uses no
-  data at all.
+  data at all. (``snip-free`` is its deprecated former name.) Or ``snip-public``: SNIP (Lee et al. 2019),
+  score |w * dL/dw| with L the summed cross-entropy of the initial model, in full precision, over the
+  declared PUBLIC split only (``public=(x, y)``; the engine holds it out of the private training set:
+  ``TrainConfig.public_fraction``). Data-dependent criteria are refused without public data.
 - ``structure``: ``unstructured`` prunes exactly round(sparsity * numel) weights of every layer (layer-wise,
   so every layer keeps the same density; no layer collapse); ``channel`` prunes round(sparsity * C_out)
   output channels of every layer except the last (its outputs are the classes), at least one channel kept,
@@ -20,12 +23,17 @@ Pre-pruning (``apply_pruning``), once before training, per quantizable layer (Li
 coordinates get neither gradient nor noise (the paper's point: noise norm shrinks with the kept dimension).
 
 Gradient dropping (``GradDropper``), every step: keep ``keep`` of every parameter's coordinates (among those
-not pruned), ``random`` (a seeded function of (seed, step): resumable) or ``magnitude`` (largest |w|).
-Masks are applied to per-sample gradients BEFORE clipping and noise is added only on kept coordinates
-(``dpquant_sim.training.optim.MaskedDPOptimizer.set_masks``).
+not pruned), ``random`` (a seeded function of (seed, step): resumable) or ``magnitude`` (largest |w| of the
+current WEIGHTS, never of the gradients). Masks are applied to per-sample gradients BEFORE clipping and noise
+is added only on kept coordinates (``dpquant_sim.training.optim.MaskedDPOptimizer.set_masks``); a masked
+coordinate does not move at all that step: its weight and its optimizer state (momentum buffer, Adam's m and
+v) are restored after the base optimizer's step (``optim.freeze_masked``).
 
-Privacy: random, magnitude and snip-free selection read no private data (weights are post-processing of
-earlier DP releases), so they add nothing to the ledger; DP-SGD's accounting is unchanged.
+Privacy: random, magnitude and synflow selection read no private data (the weights are the initialisation or
+post-processing of earlier DP releases), so they add nothing to the ledger; DP-SGD's accounting is unchanged.
+A drop criterion on private GRADIENT magnitudes would read private data before clipping and noise (one
+example could change which coordinates everyone's gradient keeps): it is deliberately not offered.
+``snip-public`` reads only the public split, which DP-SGD never sees (docs/privacy.md).
 
 >>> import torch
 >>> from dpquant_sim.schedules.configs import PruneConfig, DropConfig
@@ -49,7 +57,7 @@ import torch
 from torch import nn
 
 from dpquant_sim.errors import ConfigError
-from dpquant_sim.schedules.configs import DropConfig, PruneConfig
+from dpquant_sim.schedules.configs import DATA_DEPENDENT_PRUNE_METHODS, DropConfig, PruneConfig
 
 _NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm2d)
 
@@ -121,6 +129,46 @@ def synflow_scores(model: nn.Module, input_shape: Sequence[int]) -> dict[str, to
     return scores
 
 
+def snip_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512
+                ) -> dict[str, torch.Tensor]:
+    """SNIP saliency |w * dL/dw| of every GEMM weight, L = summed cross-entropy of ``model`` on (x, y).
+
+    Full precision (quantization off), eval mode (no dropout; normalisation layers of this project's models
+    keep no running statistics), gradients accumulated over chunks of ``batch_size``. The model's weights and
+    ``.grad`` are left as they were. ``(x, y)`` must be public data (see ``apply_pruning``).
+    """
+    module = _unwrap(model)
+    params = [p for p in module.parameters()]
+    saved_grad = [p.grad for p in params]
+    saved_rg = [p.requires_grad for p in params]
+    saved_q = {}
+    for n, m in module.named_modules():
+        if hasattr(m, "qconfig") and isinstance(m, (nn.Linear, nn.Conv2d)):
+            saved_q[n] = m.qconfig
+            m.qconfig = None
+    was_training = module.training
+    layers = gemm_modules(module)
+    weights = [m.weight for _, m in layers]
+    total = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
+    try:
+        module.eval()
+        dev = weights[0].device
+        for s in range(0, len(y), batch_size):
+            out = module(x[s:s + batch_size].to(dev))
+            loss = nn.functional.cross_entropy(out.float(), y[s:s + batch_size].to(dev), reduction="sum")
+            grads = torch.autograd.grad(loss, weights)
+            for t, g in zip(total, grads):
+                t += g.double()
+    finally:
+        for n, qc in saved_q.items():
+            module.get_submodule(n).qconfig = qc
+        module.train(was_training)
+        for p, g, rg in zip(params, saved_grad, saved_rg):
+            p.grad = g
+            p.requires_grad_(rg)
+    return {name: (w.detach().double() * t).abs().float() for (name, _), w, t in zip(layers, weights, total)}
+
+
 @dataclass
 class PruneState:
     """Pruning masks (True = kept) by parameter name of the unwrapped model, plus per-layer compute facts.
@@ -182,7 +230,8 @@ class PruneState:
 
 
 def apply_pruning(
-    model: nn.Module, cfg: PruneConfig, seed: int = 0, *, input_shape: Sequence[int] | None = None
+    model: nn.Module, cfg: PruneConfig, seed: int = 0, *, input_shape: Sequence[int] | None = None,
+    public: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> PruneState:
     """Prune every Linear/Conv2d weight of ``model`` in place and return the masks.
 
@@ -190,16 +239,24 @@ def apply_pruning(
         model: the model (an Opacus wrapper is unwrapped).
         cfg: method / structure / sparsity (share of weights, or of output channels, removed per layer).
         seed: seeds the ``random`` method.
-        input_shape: per-example input shape, needed by ``snip-free`` (its all-ones input).
+        input_shape: per-example input shape, needed by ``synflow`` (its all-ones input).
+        public: (x, y) of the declared public split, needed by ``snip-public`` (and only read by it). Never
+            pass private training data here: nothing accounts for it.
     """
     layers = gemm_modules(model)
     if not layers:
         raise ConfigError("model", type(model).__name__, "a model with Linear/Conv2d layers to prune")
     state = PruneState(cfg=cfg)
-    if cfg.method == "snip-free":
+    if cfg.method == "synflow":
         if input_shape is None:
-            raise ConfigError("input_shape", None, "the per-example input shape, e.g. (1, 8, 8), for snip-free")
+            raise ConfigError("input_shape", None, "the per-example input shape, e.g. (1, 8, 8), for synflow")
         all_scores = synflow_scores(model, input_shape)
+    elif cfg.method in DATA_DEPENDENT_PRUNE_METHODS:
+        if public is None or len(public[1]) == 0:
+            raise ConfigError("prune.method", cfg.method, "a data-free method (random, magnitude, synflow) unless "
+                              "a public split is given (public_fraction > 0): a data-dependent criterion on the "
+                              "private training set would read private data that no epsilon accounts for")
+        all_scores = snip_scores(model, public[0], public[1])
     last = layers[-1][0]
     for li, (name, m) in enumerate(layers):
         w = m.weight

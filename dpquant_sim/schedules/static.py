@@ -4,6 +4,13 @@ static-subset selects with ``budget.greedy_subset`` (first / last / largest-FLOP
 reaches the budget, rounding up) or takes ``layers`` verbatim (``select='named'``; unknown names are a
 ConfigError). The subset never changes between epochs; the plan records its actual FLOP share.
 
+``select='random'`` (the DPQuant paper's static baseline, reported there as mean +- std over random subsets):
+the layers in a uniformly random order (a permutation from ``subset_seed``, or, when it is None, from a seed
+drawn once from the run's schedule RNG), then the prefix of that order whose share is nearest the budget
+(``greedy_subset``'s rule). With ``budget_unit='layers'`` that is a uniformly random set of
+round(budget x n) layers (halves up, at least one); with ``'flops'`` a random set whose FLOP share is as near
+the budget as that order allows. The set is drawn on the first plan and kept in ``state_dict`` (resume).
+
 >>> import numpy as np
 >>> from dpquant_sim.schedules.base import LayerInfo, ScheduleContext
 >>> from dpquant_sim.schedules.configs import StaticSubsetConfig
@@ -58,17 +65,35 @@ class StaticAllSchedule(_Stateless):
 
 
 @register_schedule("static-subset")
-class StaticSubsetSchedule(_Stateless):
+class StaticSubsetSchedule:
     """A fixed subset: the first / last / largest-FLOP layers whose share is nearest the budget, or named layers."""
 
     def __init__(self, cfg: StaticSubsetConfig):
         self.cfg = cfg
+        self.chosen: list[str] | None = None  # select='random': the drawn set (kept for the whole run)
         if cfg.select == "named" and not cfg.layers:
             raise ConfigError("schedule.layers", cfg.layers, "at least one layer name when select='named'")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"chosen": self.chosen} if self.chosen is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        chosen = state.get("chosen")
+        self.chosen = None if chosen is None else [str(n) for n in chosen]
 
     def select(self, ctx: ScheduleContext) -> list[str]:
         """The layer names this schedule quantizes for the given model's layers."""
         names = [layer.name for layer in ctx.layers]
+        if self.cfg.select == "random":
+            if self.chosen is None or not set(self.chosen) <= set(names):
+                seed = self.cfg.subset_seed
+                if seed is None:
+                    seed = int(ctx.rng.integers(0, 2**63 - 1))
+                perm = np.random.default_rng(seed).permutation(len(names))
+                sizes = layer_sizes([layer.flops for layer in ctx.layers], self.cfg.budget_unit)
+                picked = set(greedy_subset([names[i] for i in perm], sizes[perm], self.cfg.budget, order="first"))
+                self.chosen = [n for n in names if n in picked]
+            return list(self.chosen)
         if self.cfg.select == "named":
             unknown = [n for n in self.cfg.layers if n not in names]
             if unknown:
@@ -82,4 +107,6 @@ class StaticSubsetSchedule(_Stateless):
         mask = np.array([layer.name in chosen for layer in ctx.layers], dtype=bool)
         info = {"schedule": "static-subset", "select": self.cfg.select, "budget": self.cfg.budget,
                 "budget_unit": self.cfg.budget_unit}
+        if self.cfg.select == "random":
+            info["subset_seed"] = self.cfg.subset_seed
         return build_plan(ctx, mask, info=info)

@@ -2,9 +2,13 @@
 
 Columns: the point's descriptive columns (``point_id``, ``label``, dataset, model, recipe, schedule_kind,
 budget, seed, target_epsilon, ...), every column of the run's metrics.csv (epoch, test_acc, epsilon,
-noise_multiplier, plan, ...), and the cost model's columns for that epoch on that accelerator
+noise_multiplier, quantized_layers, ...), and the cost model's columns for that epoch on that accelerator
 (``dpquant_sim.cost.run.cost_run``; a cost column whose name clashes with a metrics column gets the suffix
 ``_cost``). Written atomically as ``results.csv`` and ``results.parquet``.
+
+Each epoch's plan (the run's plans.jsonl) is the in-memory table's last column, ``plan`` (JSON); on disk it goes to
+``results.plans.jsonl`` beside the table (one line per run and epoch: ``point_id``, then the EpochPlan's
+fields), never into a CSV cell; ``load_table`` joins it back.
 
 A finished run enters the table only when its metrics.csv agrees with its summary.json (the SHA-256 that the
 engine records there, else the epoch count and the last epoch's accuracy and epsilon); a hand-edited or damaged
@@ -25,7 +29,8 @@ from typing import Any, Sequence
 import pandas as pd
 
 from dpquant_sim.errors import RunFolderError
-from dpquant_sim.io import atomic_write_df, file_sha256
+from dpquant_sim.io import atomic_write_df, atomic_write_text, file_sha256
+from dpquant_sim.plan import PLANS_FILE
 
 TABLE_CSV = "results.csv"
 TABLE_PARQUET = "results.parquet"
@@ -98,6 +103,16 @@ def check_run_consistent(run_dir: str | Path) -> dict[str, Any]:
         metrics = pd.read_csv(rd / "metrics.csv")
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise RunFolderError(f"{str(rd)!r}: metrics.csv is unreadable ({str(e).splitlines()[0]}); {fix}") from None
+    plans = rd / PLANS_FILE
+    psha = summary.get("plans_sha256")
+    if psha is not None and (not plans.is_file() or file_sha256(plans) != psha):
+        raise RunFolderError(f"{str(rd)!r}: {PLANS_FILE} is not the file the run wrote (missing, or its SHA-256 "
+                             f"differs from the one in summary.json: edited or damaged); {fix}")
+    if plans.is_file():
+        n_plans = sum(1 for ln in plans.read_text(encoding="utf-8").splitlines() if ln.strip())
+        if n_plans != len(metrics):
+            raise RunFolderError(f"{str(rd)!r}: {PLANS_FILE} has {n_plans} plans for {len(metrics)} rows of "
+                                 f"metrics.csv; {fix}")
     checks = [("epochs_completed", len(metrics), "rows")]
     for col in ("test_acc", "epsilon"):
         if col in metrics.columns and len(metrics):
@@ -115,7 +130,9 @@ def run_table(run_dir: Path, profiles: Sequence[Any], devices: Sequence[int] = (
     count x clipping algorithm costed). ``clipping``: the algorithm(s) to cost the run under (None: the one it
     ran). ``accelerator`` names the option: 'h100_sxm', 'h100_sxm x8' with several devices, 'h100_sxm (bk)'
     when several clipping algorithms are costed; ``hw``, ``devices`` and ``clipping_costed`` keep its parts."""
-    metrics = pd.read_csv(run_dir / "metrics.csv")
+    from dpquant_sim.plan import read_metrics
+
+    metrics = read_metrics(run_dir)
     if not profiles:
         return metrics
     from dpquant_sim.cost.clipping import parse_clipping
@@ -192,17 +209,50 @@ def collect_sweep(
         table["_o"] = table["point_id"].map(order)
         sort_cols = ["_o", "epoch"] + (["accelerator"] if "accelerator" in table.columns else [])
         table = table.sort_values(sort_cols, kind="stable").drop(columns="_o").reset_index(drop=True)
+    if "plan" in table.columns:  # last, as load_table joins it back from results.plans.jsonl
+        table = table[[c for c in table.columns if c != "plan"] + ["plan"]]
     if write:
         write_table(table, out_dir / TABLE_CSV)
     return table
 
 
+def plans_path(csv_path: str | Path) -> Path:
+    """Where a table's plans go: ``results.csv`` -> ``results.plans.jsonl``."""
+    return Path(csv_path).with_suffix(".plans.jsonl")
+
+
 def write_table(table: pd.DataFrame, csv_path: str | Path) -> Path:
-    """Write ``table`` atomically as ``csv_path`` and as the .parquet file of the same stem; return csv_path."""
+    """Write ``table`` atomically as ``csv_path`` and as the .parquet file of the same stem; return csv_path.
+
+    A ``plan`` column (JSON per row) goes to ``plans_path(csv_path)`` instead: one line per (point_id, epoch).
+    """
     csv_path = Path(csv_path)
+    if "plan" in table.columns:
+        lines = []
+        if len(table):
+            for r in table.drop_duplicates(["point_id", "epoch"]).itertuples(index=False):
+                if isinstance(r.plan, str) and r.plan.strip():
+                    lines.append(json.dumps({"point_id": str(r.point_id), **json.loads(r.plan)}, sort_keys=True))
+        atomic_write_text(plans_path(csv_path), "".join(ln + "\n" for ln in lines))
+        table = table.drop(columns="plan")
     atomic_write_df(csv_path, table)
     atomic_write_df(csv_path.with_suffix(".parquet"), _parquet_safe(table))
     return csv_path
+
+
+def _join_plans(table: pd.DataFrame, csv_path: Path) -> pd.DataFrame:
+    f = plans_path(csv_path)
+    if "plan" in table.columns or not f.is_file() or "point_id" not in table.columns:
+        return table  # a table written before plans were split out keeps its own column
+    plans: dict[tuple[str, int], str] = {}
+    for line in f.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            d = json.loads(line)
+            pid = str(d.pop("point_id"))
+            plans[(pid, int(d["epoch"]))] = json.dumps(d, sort_keys=True)
+    table = table.copy()
+    table["plan"] = [plans.get((str(p), int(e))) for p, e in zip(table["point_id"], table["epoch"])]
+    return table
 
 
 def _parquet_safe(df: pd.DataFrame) -> pd.DataFrame:
@@ -216,9 +266,44 @@ def _parquet_safe(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def sweep_status(out_dir: str | Path) -> tuple[int, int, str]:
+    """(points, finished points, one phrase) of a sweep folder, e.g. '3 points: 1 finished, 1 failed (traceback
+    in runs/<id>/error.txt), 1 not run'. Points from points.csv, else the run dirs."""
+    out_dir = Path(out_dir)
+    try:
+        ids = [str(i) for i in pd.read_csv(out_dir / "points.csv")["point_id"]]
+    except (OSError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        runs = out_dir / "runs"
+        ids = sorted(d.name for d in runs.iterdir() if d.is_dir()) if runs.is_dir() else []
+    finished = [i for i in ids if (out_dir / "runs" / i / "summary.json").is_file()]
+    failed = [i for i in ids if i not in finished and (out_dir / "runs" / i / "error.txt").is_file()]
+    fail = f"{len(failed)} failed (traceback in runs/{failed[0]}/error.txt)" if failed else "0 failed"
+    unrun = len(ids) - len(finished) - len(failed)
+    return len(ids), len(finished), f"{len(ids)} points: {len(finished)} finished, {fail}, {unrun} not run"
+
+
 def load_table(out_dir: str | Path) -> pd.DataFrame:
-    """Read a collected table (parquet if present, else CSV)."""
+    """Read a collected table (parquet if present, else CSV), with its ``plan`` column joined back from
+    ``results.plans.jsonl``.
+
+    Raises RunFolderError when the folder has no table or the table has no rows (no point has finished: the
+    message counts finished, failed and unrun points and names a failed point's traceback file); warns when
+    the table holds fewer points than the sweep has (it holds the finished ones).
+    """
     out_dir = Path(out_dir)
     if (out_dir / TABLE_PARQUET).is_file():
-        return pd.read_parquet(out_dir / TABLE_PARQUET)
-    return pd.read_csv(out_dir / TABLE_CSV)
+        table = pd.read_parquet(out_dir / TABLE_PARQUET)
+    elif (out_dir / TABLE_CSV).is_file():
+        table = pd.read_csv(out_dir / TABLE_CSV)
+    else:
+        raise RunFolderError(
+            f"{str(out_dir)!r} has no results table ({TABLE_CSV}): run the sweep with --out there first, or rebuild "
+            f"the table from its run dirs with `dpquant-sim report {out_dir} --recollect`")
+    n_points, _, status = sweep_status(out_dir)
+    if table.empty:
+        raise RunFolderError(
+            f"{str(out_dir)!r}: the results table is empty because no point of the sweep has finished ({status}); "
+            "fix the cause and rerun the sweep")
+    if "point_id" in table.columns and table["point_id"].nunique() < n_points:
+        warnings.warn(f"{str(out_dir)!r}: the results table holds the finished points only ({status})", stacklevel=2)
+    return _join_plans(table, out_dir / TABLE_CSV)

@@ -3,6 +3,7 @@
 YAML layout (every key optional except ``grid`` entries must be lists)::
 
     name: schedules-digits
+    preset: paper              # optional: the DPQuant paper's method where base/grid leave fields unset
     base:                      # any TrainConfig field (dpquant_sim.training.config.TrainConfig)
       dataset: digits
       model: mlp
@@ -14,7 +15,7 @@ YAML layout (every key optional except ``grid`` entries must be lists)::
         - {kind: fp32}
         - {kind: static-all}
         - {kind: random}
-        - {kind: dpquant, temperature: [0.5, 1.0]}
+        - {kind: dpquant, beta: [50, 100]}
       budget: [0.5, 0.75]      # applies to schedules that have a budget (random, dpquant, static-subset)
       recipe: [fp8, fp4]       # any other TrainConfig field: model, dataset, seed, epsilon, noise_multiplier...
       seed: [0, 1, 2]
@@ -44,7 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dpquant_sim.errors import ConfigError
 
@@ -74,6 +75,16 @@ class SweepConfig(BaseModel):
     devices: list[int] = Field(default_factory=lambda: [1])
     cost_clipping: str | list[str] | None = None
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    preset: Literal["paper"] | None = Field(
+        None, description="a preset for every point (dpquant_sim.presets): fills what base and grid leave unset")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_into_base(cls, raw: Any) -> Any:
+        # Every point's TrainConfig resolves the preset itself; base.preset given explicitly wins.
+        if isinstance(raw, dict) and raw.get("preset") is not None and isinstance(raw.get("base", {}), dict):
+            raw = {**raw, "base": {"preset": raw["preset"], **(raw.get("base") or {})}}
+        return raw
 
     @field_validator("grid")
     @classmethod

@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -28,15 +29,15 @@ Task = tuple[str, Any, Path]  # (point id, TrainConfig, run dir)
 
 
 def _set_threads(n: int) -> None:
-    """Worker initializer: one BLAS/torch thread pool of size n per worker (no oversubscription)."""
+    """Worker initializer: one BLAS/torch thread pool of size n per worker (no oversubscription).
+
+    torch sizes its pool from OMP_NUM_THREADS when it is first imported, so it is only imported here (seconds
+    per worker) when it is already loaded; a point function that needs it imports it with the variable set."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(n)
-    try:
-        import torch
-
+    torch = sys.modules.get("torch")
+    if torch is not None:
         torch.set_num_threads(n)
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        pass
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -83,7 +84,25 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise _Terminated(128 + signum)
 
 
-def _worker_init(threads: int, parent_pid: int) -> None:
+MAIN_GUARD_HINT = (
+    "a script that calls run_sweep (or anything that starts a process pool) must do so under "
+    "`if __name__ == \"__main__\":`: the pool's workers are spawned, fresh interpreters that import the script "
+    "again, and without the guard each of them starts the sweep itself (docs/usage.md, section 2)")
+
+
+class WorkersDidNotStart(RuntimeError):
+    """The process pool's workers died while starting (before their initializer ran), so no point ran."""
+
+
+def in_spawned_bootstrap() -> bool:
+    """True while a spawned worker process imports the parent's main script (``multiprocessing``'s own test for
+    code that would start processes recursively)."""
+    import multiprocessing as mp
+
+    return bool(getattr(mp.current_process(), "_inheriting", False))
+
+
+def _worker_init(threads: int, parent_pid: int, started: Any = None) -> None:
     """Pool worker initializer: die with the parent, leave Ctrl-C to it, ``threads`` torch threads.
 
     Ctrl-C in a terminal sends SIGINT to the whole foreground process group, workers included; they ignore it
@@ -94,6 +113,8 @@ def _worker_init(threads: int, parent_pid: int) -> None:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     _die_with_parent(parent_pid)
     _set_threads(threads)
+    if started is not None:
+        started.set()  # this worker got past importing the main script
 
 
 def _call(point_fn: PointFn, config: Any, run_dir: Path) -> str | None:
@@ -131,8 +152,9 @@ def run_local(
         return
     # spawn: a fresh interpreter per worker (fork after torch/OpenMP initialised can deadlock).
     ctx = mp.get_context("spawn")
+    started = ctx.Event()
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                               initargs=(threads, os.getpid()))
+                               initargs=(threads, os.getpid(), started))
     futures = {}
     try:
         for pid, cfg, run_dir in tasks:
@@ -143,6 +165,12 @@ def run_local(
             for f in done:
                 try:
                     err = f.result()
+                except BrokenProcessPool:
+                    if not started.is_set():  # no worker ever ran its initializer: they died importing __main__
+                        raise WorkersDidNotStart(
+                            "the sweep's worker processes died while starting, before running any point (their "
+                            f"errors are printed above); the usual cause: {MAIN_GUARD_HINT}") from None
+                    err = traceback.format_exc()  # a worker crashed (e.g. killed, out of memory)
                 except Exception:  # worker crashed (e.g. killed, out of memory)
                     err = traceback.format_exc()
                 yield futures[f], err
@@ -160,6 +188,10 @@ def run_local(
         raise
     else:
         pool.shutdown(wait=True)
+
+
+RAY_MAX_RETRIES = 3  # resubmissions of a point whose Ray worker process or node died (system failures only)
+RAY_LOCK_WAIT_S = 120.0  # how long a Ray task waits for its run folder's lock before running the point anyway
 
 
 def ray_available() -> bool:
@@ -180,9 +212,15 @@ def run_ray(
 ) -> Iterator[tuple[str, str | None]]:
     """Run points as Ray tasks (``num_cpus=threads`` each).
 
-    ``address``: an existing cluster ('auto' or 'ray://head:10001'); None starts a local Ray instance with
-    ``workers`` CPUs (default: all) and shuts it down afterwards. Run directories must be on storage every
-    node sees (a shared filesystem) for results to land in one sweep folder.
+    ``address``: an existing cluster ('auto', 'HEAD_IP:6379' or 'ray://head:10001'); None starts a new local
+    Ray instance with ``workers`` CPUs (default: all) and shuts it down afterwards. Run directories must be on
+    storage every node sees (a shared filesystem) for results to land in one sweep folder.
+
+    Worker loss: a task whose worker process or node dies is resubmitted by Ray (``RAY_MAX_RETRIES`` times;
+    errors raised by the point function itself are reported, not retried). Before calling the point function a
+    task waits up to ``RAY_LOCK_WAIT_S`` for the run folder's lock (``dpquant_sim.locking``) to be free, so a
+    retry never trains beside a dying attempt that still holds the folder; the point function takes the lock
+    itself (``training.engine.train`` does), so one run folder never has two writers.
     """
     try:
         import ray
@@ -195,18 +233,23 @@ def run_ray(
         kw: dict[str, Any] = {"ignore_reinit_error": True, "include_dashboard": False, "log_to_driver": False}
         if address:
             ray.init(address=address, **kw)
-        else:
-            ray.init(num_cpus=workers or os.cpu_count() or 1, **kw)
+        else:  # "local": a new instance, never a cluster that happens to run on this machine
+            ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, **kw)
         started = True
     try:
 
-        def _remote(fn, cfg, run_dir, n_threads):
+        def _remote(fn, cfg, run_dir, n_threads, lock_wait_s):
+            from dpquant_sim.locking import wait_until_free
+
             _set_threads(n_threads)
+            wait_until_free(Path(run_dir), lock_wait_s)  # an earlier attempt may still be dying; see above
             return _call(fn, cfg, Path(run_dir))
 
-        remote = ray.remote(num_cpus=threads, max_retries=0)(_remote)
+        remote = ray.remote(num_cpus=threads, max_retries=RAY_MAX_RETRIES, retry_exceptions=False)(_remote)
         fn_ref = ray.put(point_fn)
-        refs = {remote.remote(fn_ref, cfg, str(run_dir), threads): pid for pid, cfg, run_dir in tasks}
+        # Absolute paths: a task's working directory is not the driver's (on another node it may not exist).
+        refs = {remote.remote(fn_ref, cfg, str(Path(run_dir).absolute()), threads, RAY_LOCK_WAIT_S): pid
+                for pid, cfg, run_dir in tasks}
         pending = list(refs)
         try:
             while pending:

@@ -19,6 +19,8 @@ Example: ``run_sweep(SweepConfig.from_yaml("analysis/sweeps/tiny.yaml"), "runs/t
 from __future__ import annotations
 
 import os
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +32,8 @@ from dpquant_sim.io import atomic_write_df, atomic_write_text, clean_stale_temps
 from dpquant_sim.locking import folder_lock
 from dpquant_sim.sweep.config import SweepConfig, SweepPoint
 from dpquant_sim.training.config import flatten_config
-from dpquant_sim.sweep.executors import PointFn, run_local, run_ray, run_serial
+from dpquant_sim.sweep.executors import (MAIN_GUARD_HINT, PointFn, in_spawned_bootstrap, run_local, run_ray,
+                                         run_serial)
 
 
 def train_point(config: Any, run_dir: Path) -> None:
@@ -118,14 +121,19 @@ def run_sweep(
         workers: parallel points; default ``cfg.executor.workers`` or the CPU count, capped by the points.
         address: Ray cluster address (``--address``); None starts a local Ray instance.
         point_fn: ``fn(train_config, run_dir)``; must be a picklable top-level function.
-        progress: show a rich progress bar.
+        progress: progress on stderr: a rich bar when stderr is a terminal, else one line per finished point,
+            e.g. ``point 3/12 done 41.2s: dpquant b=0.5 fp4 seed=0 (a1b2c3d4e5f6)``.
         collect: build ``results.csv``/``results.parquet`` afterwards (from every finished point).
         on_point: callback ``(point_id, error_or_None)`` after each point (tests, custom logging).
 
     Raises:
         RunFolderError: ``out_dir`` holds another sweep, or another process is running a sweep in it.
+        WorkersDidNotStart: the process pool's workers died while starting (a script calling run_sweep
+            without the ``if __name__ == "__main__":`` guard); RuntimeError too when called from such a worker.
         ConfigError: ``out_dir`` is a file, lies under one, or is not writable.
     """
+    if in_spawned_bootstrap():
+        raise RuntimeError(f"run_sweep was called while a worker process imported the main script; {MAIN_GUARD_HINT}")
     out_dir = Path(out_dir)
     kind = executor or cfg.executor.kind
     check_choice("executor", kind, ("local", "ray"))
@@ -177,18 +185,25 @@ def _run_locked(cfg: SweepConfig, points: list[SweepPoint], out_dir: Path, *, ki
             on_point(pid, err)
 
     if todo:
-        if progress:
+        if progress and sys.stderr.isatty():
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             with Progress(
                 TextColumn("[bold]sweep[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), transient=False,
+                TimeElapsedColumn(), transient=False, console=Console(stderr=True),
             ) as bar:
                 task = bar.add_task(f"{len(todo)} to run, {len(result.skipped)} done", total=len(todo))
                 for pid, err in stream:
                     handle(pid, err)
                     status = "failed" if err else "done"
                     bar.update(task, advance=1, description=f"{labels[pid]} {status}")
+        elif progress:  # not a terminal (a log file, a batch job): one line per finished point
+            t0 = time.perf_counter()
+            for i, (pid, err) in enumerate(stream, 1):
+                handle(pid, err)
+                print(f"point {i}/{len(todo)} {'failed' if err else 'done'} {time.perf_counter() - t0:.1f}s: "
+                      f"{labels[pid]} ({pid})", file=sys.stderr, flush=True)
         else:
             for pid, err in stream:
                 handle(pid, err)

@@ -99,7 +99,7 @@ class NoClipping(ClippingAlgorithm):
     """Non-private training: the mean loss of the logical batch, masks applied to the gradient."""
 
     def step(self, chunks, masks):
-        from dpquant_sim.training.optim import mask_plain_grads
+        from dpquant_sim.training.optim import freeze_masked, mask_plain_grads
 
         n = sum(len(y) for _, y in chunks)
         if n == 0:
@@ -111,7 +111,8 @@ class NoClipping(ClippingAlgorithm):
             (loss / n).backward()
             total += float(loss.detach())
         mask_plain_grads(self.model.parameters(), masks)
-        self.base_optimizer.step()
+        with freeze_masked(self.base_optimizer, masks):  # masked coordinates do not move (optimizer state too)
+            self.base_optimizer.step()
         self.base_optimizer.zero_grad(set_to_none=True)
         return total
 

@@ -87,7 +87,13 @@ class TrainConfig(BaseModel):
     schedule: ScheduleConfig = Field(default_factory=Fp32Config)
     prune: PruneConfig | None = None
     drop: DropConfig | None = None
+    public_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, validate_default=True, description="share of the training set held out (seeded by "
+        "seed), declared public and never used by DP-SGD (the private set, and so the sample rate's n_train, "
+        "shrink); only data-dependent pruning (prune.method snip-public) reads it")
     eval_quantized: bool = Field(False, description="evaluate with the epoch's plan (True) or in fp32 (False)")
+    preset: Literal["paper"] | None = Field(
+        None, description="fill unset fields from a seed paper's method (dpquant_sim.presets, docs/fidelity.md)")
     # run
     seed: int = Field(0, ge=0, description="seeds init, sampling, noise, stochastic rounding, schedule")
     eval_batch_size: int = Field(1024, ge=1)
@@ -97,6 +103,10 @@ class TrainConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _default_epsilon(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            from dpquant_sim.presets import apply_preset
+
+            data = apply_preset(data)  # first: a preset only fills fields the user left unset
         if isinstance(data, Mapping) and data.get("private", True):
             if data.get("epsilon") is None and data.get("noise_multiplier") is None:
                 data = {**data, "epsilon": DEFAULT_EPSILON}
@@ -133,14 +143,29 @@ class TrainConfig(BaseModel):
             raise ValueError("a value > 0 in a private run (0 gives no privacy; set private: false instead)")
         return v
 
+    @field_validator("public_fraction")
+    @classmethod
+    def _data_dependent_prune_needs_public(cls, v: float, info: ValidationInfo) -> float:
+        from dpquant_sim.schedules.configs import DATA_DEPENDENT_PRUNE_METHODS
+
+        prune = info.data.get("prune")
+        if prune is not None and prune.method in DATA_DEPENDENT_PRUNE_METHODS and v <= 0:
+            raise ValueError(
+                f"a value in (0, 1) with prune.method {prune.method!r} (--public-fraction): a data-dependent "
+                "pruning criterion reads training examples, and without a declared public split those would be "
+                "private data that no epsilon accounts for; or use a data-free method (random, magnitude, synflow)")
+        return v
+
     # ------------------------------------------------------------------ construction helpers
     @classmethod
     def parse(cls, data: Mapping[str, Any], *, source: str | None = None) -> "TrainConfig":
         """Validate a mapping; errors become one ConfigError naming field, value and what is allowed."""
         try:
-            return cls.model_validate(dict(data))
+            cfg = cls.model_validate(dict(data))
         except ValidationError as e:
             raise config_error(e, source) from None
+        check_private_recipe(cfg)
+        return cfg
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -168,6 +193,15 @@ class TrainConfig(BaseModel):
     def with_updates(self, **changes: Any) -> "TrainConfig":
         """A validated copy with some fields changed (``schedule`` may be a dict)."""
         return TrainConfig.parse({**self.model_dump(mode="python"), **changes})
+
+
+def check_private_recipe(cfg: TrainConfig) -> None:
+    """Refuse (DPSafetyError) a private run whose recipe computes an activation or gradient scale over the
+    whole batch (e.g. ``luq_fp4_batch``): it mixes examples before clipping, so the DP guarantee fails."""
+    if cfg.private:
+        from dpquant_sim.nn.config import get_recipe
+
+        get_recipe(cfg.recipe).check_dp_safe()
 
 
 def config_error(e: ValidationError, source: str | None = None) -> ConfigError:

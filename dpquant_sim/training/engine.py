@@ -5,6 +5,8 @@
     config.yaml      the resolved TrainConfig
     run_info.json    model, dataset, shapes, sample rate, steps per epoch, noise multiplier, quantizable layers
     metrics.csv      one row per finished epoch (columns: METRIC_COLUMNS)
+    plans.jsonl      one JSON line per finished epoch: that epoch's EpochPlan (``dpquant_sim.plan.read_plans``)
+    tensorboard/     with ``tensorboard=True``: TensorBoard event files, scalars per epoch
     checkpoint.pt    everything needed to resume exactly (torch.load(weights_only=True) loadable)
     summary.json     written last, when the run is complete (or stopped at the privacy budget)
     .lock            while a process writes the folder (its pid); see ``train``
@@ -30,8 +32,11 @@ How one run goes:
 4. Each epoch: ``schedule.plan(ctx)`` -> ``nn.apply_plan`` -> train -> evaluate (fp32 by default, or with
    the plan: ``eval_quantized``) -> append a metrics row -> write the checkpoint atomically.
    Optional pre-pruning / gradient dropping (``config.prune`` / ``config.drop``) use
-   ``dpquant_sim.schedules.prune_drop``; masks are applied before clipping and noise only goes on kept
-   coordinates (``optim.MaskedDPOptimizer``).
+   ``dpquant_sim.schedules.prune_drop``; masks are applied before clipping, noise only goes on kept
+   coordinates, and masked coordinates do not move (weights and optimizer state; ``optim.MaskedDPOptimizer``).
+   With ``public_fraction`` > 0 a seeded share of the training set is held out as a declared public split
+   before anything else reads the data (``_split_public``): n_train, q and every private mechanism use the
+   rest; only data-dependent pruning (``snip-public``) reads it; run_info.json records it.
 5. Non-private runs (``private=False``) take the same path without the GradSampleModule, clipping and noise;
    epsilon is reported as inf.
 
@@ -68,22 +73,25 @@ from torch import nn
 from dpquant_sim.errors import ConfigError, PrivacyBudgetExceeded, RunFolderError
 from dpquant_sim.io import atomic_write, atomic_write_df, atomic_write_json, clean_stale_temps, file_sha256
 from dpquant_sim.locking import folder_lock
-from dpquant_sim.plan import EpochPlan
+from dpquant_sim.plan import PLANS_FILE, EpochPlan, read_metrics, write_plans
 from dpquant_sim.training.accounting import DPSGD, Mechanism, PrivacyLedger, calibrate_noise, compose_epsilon
-from dpquant_sim.training.config import TrainConfig, flatten_config
+from dpquant_sim.training.config import TrainConfig, check_private_recipe, flatten_config
 
 METRIC_COLUMNS: tuple[str, ...] = (
     "epoch", "train_loss", "test_loss", "test_acc", "epsilon", "delta", "accountant", "noise_multiplier",
-    "sample_rate", "steps", "clip_norm", "quantized_layers", "quantized_flop_share", "plan", "estimator_epsilon",
+    "sample_rate", "steps", "clip_norm", "quantized_layers", "quantized_flop_share", "estimator_epsilon",
     "wall_s",
-)
+)  # the epoch's plan goes to plans.jsonl (one JSON line per row), not into a CSV cell
 CHECKPOINT_FORMAT = 1
 BUDGET_SLACK = 1e-6  # relative; floating-point summation order only, far below the accountants' own error
 
 
 @dataclass(frozen=True)
 class RunResult:
-    """What ``train`` returns: the run directory, its config, the per-epoch metrics and the summary."""
+    """What ``train`` returns: the run directory, its config, the per-epoch metrics and the summary.
+
+    ``metrics`` holds metrics.csv's columns plus ``plan``: each epoch's EpochPlan as JSON (from plans.jsonl).
+    """
 
     out_dir: Path
     config: TrainConfig
@@ -180,10 +188,12 @@ def _jsonable(x: Any) -> Any:
 def _progress(enabled: bool):
     if not enabled or not sys.stderr.isatty():
         return None
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
+                    console=Console(stderr=True))  # stdout stays for results (train --json)
 
 
 @torch.no_grad()
@@ -203,7 +213,48 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return loss_sum / n, correct / n
 
 
-def _prune_drop(cfg: TrainConfig, model: nn.Module, seed: int, input_shape):
+PUBLIC_SPLIT_TAG = 0x9B11C  # mixed with cfg.seed: the public hold-out has its own stream, the others are unchanged
+
+
+def _split_public(cfg: TrainConfig, data):
+    """(private bundle, public (x, y) or None, run_info record or None).
+
+    ``public_fraction`` F > 0: round(F x n) training examples, drawn by a permutation seeded from
+    (seed, PUBLIC_SPLIT_TAG), are declared public and removed from the training set; DP-SGD, its sample rate
+    (q = batch_size / n_private) and every other private mechanism see only the rest.
+    """
+    if cfg.public_fraction <= 0:
+        return data, None, None
+    import dataclasses
+
+    from torch.utils.data import TensorDataset
+
+    x, y = data.train.tensors
+    n = len(y)
+    n_pub = int(math.floor(cfg.public_fraction * n + 0.5))
+    if n_pub < 1 or n - n_pub < 1:
+        raise ConfigError("public_fraction", cfg.public_fraction,
+                          f"a share of the {n} training examples that leaves at least one public and one private")
+    ss = np.random.SeedSequence([int(cfg.seed), PUBLIC_SPLIT_TAG])
+    g = torch.Generator().manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0] >> 1))
+    perm = torch.randperm(n, generator=g)
+    pub, priv = perm[:n_pub].sort().values, perm[n_pub:].sort().values
+    private = dataclasses.replace(data, train=TensorDataset(x[priv], y[priv]))
+    info = {"fraction": cfg.public_fraction, "n_loaded": n, "n_public": n_pub, "n_private": n - n_pub,
+            "selected_by": f"permutation seeded from (seed={cfg.seed}, {PUBLIC_SPLIT_TAG:#x})",
+            "used_by": (f"prune.method={cfg.prune.method}" if cfg.prune is not None and
+                        cfg.prune.method in _data_dependent_prune_methods() else "nothing (held out only)"),
+            "indices": pub.tolist()}
+    return private, (x[pub], y[pub]), info
+
+
+def _data_dependent_prune_methods() -> tuple[str, ...]:
+    from dpquant_sim.schedules.configs import DATA_DEPENDENT_PRUNE_METHODS
+
+    return DATA_DEPENDENT_PRUNE_METHODS
+
+
+def _prune_drop(cfg: TrainConfig, model: nn.Module, seed: int, input_shape, public=None):
     if cfg.prune is None and cfg.drop is None:
         return None, None
     try:
@@ -212,7 +263,7 @@ def _prune_drop(cfg: TrainConfig, model: nn.Module, seed: int, input_shape):
         raise NotImplementedError(
             "config.prune / config.drop need dpquant_sim.schedules.prune_drop (apply_pruning, GradDropper), "
             "which is not available in this tree yet") from None
-    prune_state = (prune_drop.apply_pruning(model, cfg.prune, seed, input_shape=input_shape)
+    prune_state = (prune_drop.apply_pruning(model, cfg.prune, seed, input_shape=input_shape, public=public)
                    if cfg.prune is not None else None)
     dropper = prune_drop.GradDropper(cfg.drop, seed) if cfg.drop is not None else None
     return prune_state, dropper
@@ -252,7 +303,8 @@ class _Run:
         self.device = torch.device(cfg.device)
         seeds = _seeds(cfg.seed, secure=cfg.secure_noise)
 
-        self.data = _load_data(cfg)
+        # the private training set: what a public split (public_fraction) leaves; n is its size
+        self.data, self.public, self.public_info = _split_public(cfg, _load_data(cfg))
         n = self.data.n_train
         if cfg.batch_size > n:
             raise ConfigError("batch_size", cfg.batch_size, f"at most the training set size {n}")
@@ -264,7 +316,8 @@ class _Run:
         self.model = model  # the plain (converted) model; plans and checkpoints use its names
         self.layer_shapes = gemm_layers(model, self.data.input_shape)
         self.layers = [LayerInfo(s.name, s.forward_flops) for s in self.layer_shapes]
-        self.prune_state, self.dropper = _prune_drop(cfg, model, cfg.seed, self.data.input_shape)
+        public = tuple(t.to(self.device) for t in self.public) if self.public is not None else None
+        self.prune_state, self.dropper = _prune_drop(cfg, model, cfg.seed, self.data.input_shape, public)
 
         # sampling, steps, noise
         self.q = cfg.batch_size / n
@@ -490,6 +543,12 @@ class _Run:
                  "weight_shape": list(s.weight_shape or ()), "in_shape": list(s.in_shape),
                  "out_shape": list(s.out_shape)} for s in self.layer_shapes],
             "dataset_info": d.info or {},
+            "public_split": self.public_info,
+            "prune": None if self.prune_state is None else {
+                "method": self.prune_state.cfg.method, "structure": self.prune_state.cfg.structure,
+                "sparsity": self.prune_state.cfg.sparsity, "density": self.prune_state.density,
+                "kept_channel_fraction": self.prune_state.kept_channel_fraction,
+                "kept_gemm_flop_share": self.prune_state.kept_flop_share(self.layers)},
         }
 
 
@@ -618,15 +677,19 @@ def _check_resume(out: Path, cfg: TrainConfig) -> tuple[TrainConfig | None, dict
 
 
 def train(config: TrainConfig | Mapping[str, Any], out_dir: str | Path, *, progress: bool = True,
-          stop_after: int | None = None) -> RunResult:
+          stop_after: int | None = None, tensorboard: bool = False) -> RunResult:
     """Run (or resume, or return the finished) training run of ``config`` in ``out_dir``.
 
     Args:
         config: a TrainConfig or a mapping of its fields.
         out_dir: the run directory (created). A directory of a different config is refused.
-        progress: show a progress bar (only when stderr is a terminal).
+        progress: show a progress bar when stderr is a terminal, else one line per epoch on stderr, e.g.
+            ``epoch 3/10 acc=0.812 eps=2.31 quantized=5/11 12.4s``.
         stop_after: stop after this many epochs in total (as if interrupted; for tests and time-boxing).
             The run stays resumable and summary.json is not written.
+        tensorboard: also write TensorBoard event files to ``out_dir/tensorboard/`` (scalars per epoch: test
+            accuracy and loss, training loss when released, epsilon, quantized FLOP share and layer count;
+            needs the ``tensorboard`` package). Not part of the config: a resume may switch it on or off.
 
     While it runs, the process holds ``out_dir/.lock`` (``dpquant_sim.locking``): one writer per run folder.
     A finished run (summary.json present) is only read, without the lock.
@@ -635,22 +698,74 @@ def train(config: TrainConfig | Mapping[str, Any], out_dir: str | Path, *, progr
 
     Raises:
         ConfigError: bad config, batch larger than the data, out_dir of another run, out_dir not a writable folder.
+        DPSafetyError: a private run with a recipe whose activation or gradient scales are batch-wide
+            (``luq_fp4_batch``); nothing is written.
         RunFolderError: another process holds out_dir; its checkpoint is unreadable or holds other settings.
         PrivacyBudgetExceeded: a fixed noise multiplier would spend more than ``epsilon``.
         OutputError: a result cannot be written (full disk, read-only folder); finished epochs are kept.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.parse(config)
+    check_private_recipe(cfg)  # before anything is written: a batch-wide recipe is refused under DP
     out = Path(out_dir)
+    if tensorboard:
+        _summary_writer_class()  # a missing package fails before anything is written
     if (out / "summary.json").is_file():  # a finished run is only read (no lock: read-only folders work)
         prev, _ = _check_resume(out, cfg)
         if prev is not None:
             return _result_from_dir(out, cfg)
     with folder_lock(out, what="run folder"):
         clean_stale_temps(out)
-        return _train_locked(cfg, out, progress=progress, stop_after=stop_after)
+        return _train_locked(cfg, out, progress=progress, stop_after=stop_after, tensorboard=tensorboard)
 
 
-def _train_locked(cfg: TrainConfig, out: Path, *, progress: bool, stop_after: int | None) -> RunResult:
+def _summary_writer_class():
+    """torch's SummaryWriter; ConfigError when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("tensorboard", True, "the tensorboard package installed (pip install "
+                          "'dpquant-sim[tensorboard]'), or no --tensorboard") from None
+    return SummaryWriter
+
+
+def _tensorboard_writer(out: Path, first_epoch: int):
+    """A SummaryWriter on ``out/tensorboard`` that drops events a killed earlier process logged for epochs from
+    ``first_epoch`` on (they are logged again)."""
+    return _summary_writer_class()(str(out / "tensorboard"), purge_step=first_epoch if first_epoch > 0 else None)
+
+
+def _log_tensorboard(writer, row: Mapping[str, Any]) -> None:
+    e = int(row["epoch"])
+    for tag, key in (("test/accuracy", "test_acc"), ("test/loss", "test_loss"), ("train/loss", "train_loss"),
+                     ("privacy/epsilon", "epsilon"), ("quantization/flop_share", "quantized_flop_share"),
+                     ("quantization/layers", "quantized_layers")):
+        v = float(row[key])
+        if math.isfinite(v):  # an unreleased training loss (NaN) and a non-private epsilon (inf) are left out
+            writer.add_scalar(tag, v, e)
+    writer.flush()
+
+
+def progress_line(row: Mapping[str, Any], epochs: int, n_layers: int) -> str:
+    """One epoch's progress line (stderr when it is not a terminal).
+
+    >>> progress_line({"epoch": 2, "test_acc": 0.8123, "epsilon": 2.314, "quantized_layers": 5, "wall_s": 12.44},
+    ...               10, 11)
+    'epoch 3/10 acc=0.812 eps=2.31 quantized=5/11 12.4s'
+    """
+    eps = row["epsilon"]
+    return (f"epoch {int(row['epoch']) + 1}/{epochs} acc={row['test_acc']:.3f} "
+            f"eps={'inf' if math.isinf(eps) else f'{eps:.2f}'} quantized={row['quantized_layers']}/{n_layers} "
+            f"{row['wall_s']:.1f}s")
+
+
+def _write_epoch_files(out: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """plans.jsonl, then metrics.csv, each atomically, both from the same rows (the checkpoint's)."""
+    write_plans(out / PLANS_FILE, [EpochPlan.from_json(r["plan"]) for r in rows])
+    atomic_write_df(out / "metrics.csv", pd.DataFrame(rows, columns=list(METRIC_COLUMNS)))
+
+
+def _train_locked(cfg: TrainConfig, out: Path, *, progress: bool, stop_after: int | None,
+                  tensorboard: bool = False) -> RunResult:
     """``train`` once this process holds the run folder."""
     prev, state = _check_resume(out, cfg)
     if prev is not None and (out / "summary.json").is_file():
@@ -661,6 +776,7 @@ def _train_locked(cfg: TrainConfig, out: Path, *, progress: bool, stop_after: in
     ck = out / "checkpoint.pt"
     if state is not None:
         run.load_state_dict(state)
+        _write_epoch_files(out, run.rows)  # a process killed between writing them and the checkpoint: realign
     out.mkdir(parents=True, exist_ok=True)
     if prev is None:
         cfg.to_yaml(out / "config.yaml")
@@ -668,6 +784,8 @@ def _train_locked(cfg: TrainConfig, out: Path, *, progress: bool, stop_after: in
 
     stopped: str | None = None
     bar = _progress(progress)
+    lines = progress and bar is None  # not a terminal: one line per epoch
+    writer = _tensorboard_writer(out, run.epoch) if tensorboard else None
     last = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
     try:
         if bar is not None:
@@ -722,15 +840,21 @@ def _train_locked(cfg: TrainConfig, out: Path, *, progress: bool, stop_after: in
                 "wall_s": wall,
             })
             run.epoch += 1
-            atomic_write_df(out / "metrics.csv", pd.DataFrame(run.rows, columns=list(METRIC_COLUMNS)))
+            _write_epoch_files(out, run.rows)
             _write_checkpoint(ck, run.state_dict())
+            if writer is not None:
+                _log_tensorboard(writer, run.rows[-1])
+            if lines:
+                print(progress_line(run.rows[-1], cfg.epochs, len(run.layers)), file=sys.stderr, flush=True)
             if bar is not None:
                 bar.update(task, info=f"epoch {run.epoch}/{cfg.epochs} acc {test_acc:.3f} "
                                       f"eps {run.rows[-1]['epsilon']:.2f}")
     finally:
         if bar is not None:
             bar.stop()
-    metrics = pd.DataFrame(run.rows, columns=list(METRIC_COLUMNS))
+        if writer is not None:
+            writer.close()
+    metrics = pd.DataFrame(run.rows, columns=[*METRIC_COLUMNS, "plan"])
     if run.epoch < last and stopped is None:  # pragma: no cover - loop exits only by completion or budget
         stopped = "interrupted"
     if stop_after is not None and stopped is None and run.epoch < cfg.epochs:
@@ -742,6 +866,8 @@ def _train_locked(cfg: TrainConfig, out: Path, *, progress: bool, stop_after: in
         _write_checkpoint(ck, st)
     if (out / "metrics.csv").is_file():  # lets a later collect detect a hand-edited or damaged metrics.csv
         summary["metrics_sha256"] = file_sha256(out / "metrics.csv")
+    if (out / PLANS_FILE).is_file():
+        summary["plans_sha256"] = file_sha256(out / PLANS_FILE)
     atomic_write_json(out / "summary.json", summary)
     return RunResult(out, cfg, metrics, summary)
 
@@ -785,7 +911,7 @@ def _summary(run: _Run, stopped: str | None) -> dict[str, Any]:
 
 
 def _result_from_dir(out: Path, cfg: TrainConfig) -> RunResult:
-    metrics = pd.read_csv(out / "metrics.csv") if (out / "metrics.csv").is_file() else pd.DataFrame()
+    metrics = read_metrics(out) if (out / "metrics.csv").is_file() else pd.DataFrame()
     summary = json.loads((out / "summary.json").read_text())
     return RunResult(out, cfg, metrics, summary)
 

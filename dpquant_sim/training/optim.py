@@ -7,6 +7,13 @@ coordinate then carries neither signal nor noise, so the noise norm shrinks with
 sensitivity of the clipped sum is still C, so the accounting is unchanged (masks must not depend on private
 data, e.g. random or weight-magnitude masks).
 
+A masked coordinate also does not MOVE: the base optimizer's step would otherwise still move it through its
+state (SGD momentum replays earlier gradients; Adam's m / sqrt(v) is nonzero after a zero gradient; weight
+decay shrinks it). ``freeze_masked`` restores, after the step, the masked coordinates of every parameter and of
+every optimizer-state tensor of the parameter's shape (momentum buffer, exp_avg, exp_avg_sq, ...), bit for bit.
+So a dropped coordinate skips the step entirely, like torch's SparseAdam ("lazy" moments: its momentum/Adam
+state resumes where it stopped the next time it is kept; Adam's bias correction uses the global step count).
+
 Empty Poisson batches are handled as Opacus does: the step still adds noise (and is accounted).
 
 >>> import torch
@@ -21,7 +28,8 @@ tensor([-0.3000, -0.4000,  0.0000])
 
 from __future__ import annotations
 
-from typing import Mapping
+import contextlib
+from typing import Iterator, Mapping
 
 import torch
 from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _generate_noise, _mark_as_processed
@@ -36,6 +44,44 @@ def make_base_optimizer(name: str, params, *, lr: float, momentum: float = 0.0, 
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     raise ConfigError("optimizer", name, ("sgd", "adam"))
+
+
+_STATE_KEYS_NOT_PER_COORDINATE = ("step",)
+
+
+@contextlib.contextmanager
+def freeze_masked(optimizer: torch.optim.Optimizer,
+                  masks: Mapping[torch.nn.Parameter, torch.Tensor] | None) -> Iterator[None]:
+    """Run an optimizer step inside this block: afterwards every coordinate whose mask is False (bool, or 0.0)
+    holds exactly its value from before the block, in the parameter and in each per-coordinate state tensor
+    (same shape as the parameter, e.g. ``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``). State created by the
+    step is zero on masked coordinates (no history). Parameters without a mask, or all-True masks, are left
+    alone.
+
+    >>> p = torch.nn.Parameter(torch.ones(2)); opt = torch.optim.Adam([p], lr=0.1)
+    >>> p.grad = torch.tensor([1.0, 0.0])
+    >>> with freeze_masked(opt, {p: torch.tensor([True, False])}):
+    ...     opt.step()
+    >>> p.data, opt.state[p]["exp_avg"]
+    (tensor([0.9000, 1.0000]), tensor([0.1000, 0.0000]))
+    """
+    saved = []
+    for p, m in (masks or {}).items():
+        keep = m.to(device=p.device).bool()
+        if bool(keep.all()):
+            continue
+        st = optimizer.state.get(p, {})
+        st0 = {k: v.detach().clone() for k, v in st.items()
+               if torch.is_tensor(v) and v.shape == p.shape and k not in _STATE_KEYS_NOT_PER_COORDINATE}
+        saved.append((p, keep, p.detach().clone(), st0))
+    yield
+    with torch.no_grad():
+        for p, keep, w0, st0 in saved:
+            p.copy_(torch.where(keep, p, w0))
+            for k, v in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape and k not in _STATE_KEYS_NOT_PER_COORDINATE:
+                    old = st0.get(k)
+                    v.copy_(torch.where(keep, v, old if old is not None else torch.zeros_like(v)))
 
 
 class MaskedDPOptimizer(DPOptimizer):
@@ -60,6 +106,13 @@ class MaskedDPOptimizer(DPOptimizer):
             if tuple(m.shape) != tuple(p.shape):
                 raise ConfigError("mask shape", tuple(m.shape), f"the parameter's shape {tuple(p.shape)}")
             self._masks[id(p)] = m.to(device=p.device, dtype=p.dtype)
+
+    def step(self, closure=None):
+        """Opacus's DP step (clip, noise, scale, base step); masked coordinates then do not move at all
+        (``freeze_masked``: weights and momentum/Adam state restored bit for bit)."""
+        frozen = {p: self._masks[id(p)] for p in self.params if id(p) in self._masks}
+        with freeze_masked(self.original_optimizer, frozen):
+            return super().step(closure)
 
     def clip_and_accumulate(self) -> None:
         if self._masks:
@@ -90,7 +143,8 @@ class MaskedDPOptimizer(DPOptimizer):
 
 
 def mask_plain_grads(params, masks: Mapping[torch.nn.Parameter, torch.Tensor] | None) -> None:
-    """Non-private counterpart: multiply ``p.grad`` by its mask."""
+    """Non-private counterpart: multiply ``p.grad`` by its mask (step under ``freeze_masked`` too, so that
+    masked coordinates do not move through the optimizer's state)."""
     if not masks:
         return
     for p in params:
