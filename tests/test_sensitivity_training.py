@@ -361,3 +361,20 @@ def test_engine_step_after_an_estimate_is_bit_identical(clipping):
         after.append([p.detach().clone() for p in run.model.parameters()])
         run.clipper.close()
     assert all(torch.equal(a, b) for a, b in zip(*after))
+
+
+@pytest.mark.slow
+def test_bench_estimators_script_runs_on_cpu(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_estimators", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_estimators.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--model", "mlp", "--channels", "1", "--image-size", "8", "--n", "40", "--q", "0.5",
+                    "--repeats", "1"])
+    assert out["layers"] >= 2 and out["training"]["seconds_per_estimate"] > 0
+    assert out["ratio_training_over_forward"] == pytest.approx(
+        out["training"]["seconds_per_estimate"] / out["forward"]["seconds_per_estimate"])
+    assert '"ratio_training_over_forward"' in capsys.readouterr().out
