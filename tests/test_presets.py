@@ -73,7 +73,7 @@ def test_sweep_preset_reaches_every_point():
                  "budget": [0.5, 0.9]},
         "accelerators": ["h100_sxm"],
     })
-    cfgs = [p.train_config for p in sw.points()]
+    cfgs = [p.config for p in sw.points()]
     assert len(cfgs) == 6
     for c in cfgs:
         assert c.recipe == "luq_fp4" and c.preset == "paper"
