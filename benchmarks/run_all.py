@@ -44,6 +44,8 @@ BENCHES = [
     Bench("bench_dp_step", quick=["--models", "cnn", "--batch", "64", "--steps", "2", "--repeats", "3"],
           full=["--models", "cnn", "resnet18-w16", "--batch", "256", "--memory"],
           output=["--json", "{out}/bench_dp_step.json"]),
+    Bench("bench_estimators", quick=["--model", "cnn", "--recipe", "fp8", "--n", "400", "--repeats", "1"],
+          full=["--model", "resnet18-w16", "--recipe", "luq_fp4"]),
     Bench("gpu_calibration", quick=["--quick"], output=["--out", "{out}/gpu_calibration"], gpu=True),
     Bench("gpu_dp_steps", quick=["--quick"], output=["--out", "{out}/gpu_dp_steps"], gpu=True),
 ]

@@ -15,7 +15,7 @@ def test_demo_tiny_end_to_end_and_resume(tmp_path):
     args = dict(epochs=1, model="mlp", n_train=400, workers=1, accelerators=["h100_sxm", "b200"])
     report, head = run_demo(out, progress=False, **args)
     assert report.is_file() and report.stat().st_size > 1_000_000  # plotly.js embedded
-    assert list(head["schedule"]) == ["fp32", "static-all fp4", "random b=0.5 fp4", "dpquant b=0.5 fp4"]
+    assert list(head["schedule"]) == ["fp32", "static-all luq_fp4", "random b=0.5 luq_fp4", "dpquant b=0.5 luq_fp4"]
     assert {"accuracy", "epsilon", "h100_sxm", "b200"} <= set(head.columns)
     assert all(float(e) <= 8.0 + 1e-6 for e in head["epsilon"])
     assert head.loc[head["schedule"] == "fp32", "b200"].item() == "1.00x"

@@ -19,7 +19,7 @@ def demo_config(
     *,
     epochs: int = 6,
     seeds: int = 1,
-    recipe: str = "fp4",
+    recipe: str = "luq_fp4",
     budget: float = 0.5,
     epsilon: float = 8.0,
     model: str = "cnn",
@@ -88,7 +88,8 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="demo folder (rerun resumes)"),
     epochs: int = typer.Option(6, min=1, help="training epochs per run"),
     seeds: int = typer.Option(1, min=1, help="seeds per schedule (mean +- std in the report)"),
-    recipe: str = typer.Option("fp4", help="quantization recipe (fp8, fp6, fp4, mxfp4, nvfp4, int8, ...)"),
+    recipe: str = typer.Option("luq_fp4", help="quantization recipe (luq_fp4: the paper's; fp8, fp6, fp4, mxfp4, "
+                               "nvfp4, int8, ...)"),
     budget: float = typer.Option(0.5, help="quantized share of layers for random and dpquant (0, 1]"),
     epsilon: float = typer.Option(8.0, help="target epsilon (delta 1e-5)"),
     model: str = typer.Option("cnn", help="mlp, cnn, resnet18, ..."),

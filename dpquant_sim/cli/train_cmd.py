@@ -171,7 +171,7 @@ def register(app: typer.Typer) -> None:
                                                 "un-noised training loss to metrics.csv; NOT covered by epsilon."),
         recipe: Optional[str] = typer.Option(None, "--recipe",
                                              help=f"Quantization recipe of quantized layers: {recipes} "
-                                                  "(default fp8)."),
+                                                  "(default luq_fp4, the DPQuant paper's format)."),
         quantize_old: Optional[str] = typer.Option(None, "--quantize", hidden=True, help="Old name of --recipe."),
         schedule: Optional[str] = typer.Option(None, help=f"Which layers are quantized each epoch: {kinds} "
                                                "(default fp32 = none)."),

@@ -83,7 +83,8 @@ class TrainConfig(BaseModel):
     release_train_loss: bool = Field(False, description="write the un-noised training loss of private runs to "
                                      "metrics.csv (a statistic of private data that epsilon does not cover)")
     # quantization
-    recipe: str = Field("fp8", description="quantization recipe of quantized layers (nn.config.RECIPES)")
+    recipe: str = Field("luq_fp4", description="quantization recipe of quantized layers (nn.config.RECIPES); "
+                        "default the DPQuant paper's LUQ-FP4 with per-sample scales (DP-safe)")
     schedule: ScheduleConfig = Field(default_factory=Fp32Config)
     prune: PruneConfig | None = None
     drop: DropConfig | None = None
