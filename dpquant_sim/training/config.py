@@ -5,7 +5,7 @@ and what is allowed (``TrainConfig.parse`` / ``from_yaml`` turn pydantic's Valid
 
 >>> cfg = TrainConfig.parse({"dataset": "digits", "model": "cnn", "epochs": 2, "epsilon": 8})
 >>> cfg.schedule.kind, cfg.recipe, cfg.delta
-('fp32', 'fp8', 1e-05)
+('fp32', 'luq_fp4', 1e-05)
 >>> TrainConfig.parse({"epochs": 0})
 Traceback (most recent call last):
 ...

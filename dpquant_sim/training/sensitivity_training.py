@@ -53,6 +53,7 @@ on batches; measured ratio in docs/results.md.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Callable, ContextManager, Sequence
 
 import torch
@@ -186,7 +187,10 @@ def make_training_delta_fn(
 
         try:
             module.eval()
-            with pause():
+            with pause(), warnings.catch_warnings():
+                # The DP engine's full backward hooks stay registered (paused, they record nothing); torch warns
+                # that they fire on module outputs because the estimator's inputs need no grad: harmless here.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
                 for i in range(n):
                     xb, yb = x_all[i:i + 1].to(device), y_all[i:i + 1].to(device)
                     seed = (base_seed + int(idx[i])) % SEED_BOUND
