@@ -31,6 +31,8 @@ import pandas as pd
 import yaml
 from scipy import stats
 
+from dpquant_sim.plan import read_metrics
+
 
 def arm_of(schedule: dict, epochs: int) -> str:
     """The ablation arm of a random schedule config.
@@ -70,7 +72,7 @@ def load_runs(sweep_dir: Path) -> pd.DataFrame:
         s = json.loads(summary.read_text())
         if not s.get("complete"):
             continue
-        m = pd.read_csv(run / "metrics.csv")
+        m = read_metrics(run)  # metrics.csv with each epoch's plan joined from plans.jsonl
         rows.append({"run": run.name, "arm": arm_of(cfg["schedule"], int(cfg["epochs"])), "seed": cfg["seed"],
                      "test_acc": s["test_acc"], "epsilon": s["epsilon"],
                      "layer_share": float(np.mean([len(json.loads(p)["quantized"]) for p in m["plan"]])),

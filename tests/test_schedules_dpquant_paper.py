@@ -195,8 +195,9 @@ def test_refusals_name_the_field():
 @pytest.mark.slow
 def test_training_run_quantizes_exactly_k_layers_and_logs_pi_and_estimator_epsilon(tmp_path):
     """The issue's acceptance run, shortened to 2 epochs: round(0.5 x 5) = 3 of the CNN's 5 layers every
-    epoch; metrics.csv's plans hold pi (a softmax: positive, sums to 1), the exact inclusion probabilities
-    (sum 3) and the estimator's epsilon (> 0, equal to the metrics column)."""
+    epoch; the plans (plans.jsonl, one JSON line per epoch beside metrics.csv) hold pi (a softmax: positive,
+    sums to 1), the exact inclusion probabilities (sum 3) and the estimator's epsilon (> 0, equal to the
+    metrics column)."""
     import json
 
     import pandas as pd
@@ -207,9 +208,9 @@ def test_training_run_quantizes_exactly_k_layers_and_logs_pi_and_estimator_epsil
     train({"dataset": "digits", "model": "cnn", "epochs": 2, "epsilon": 8.0, "delta": 1e-5, "recipe": "fp4",
            "schedule": {"kind": "dpquant", "budget": 0.5}, "threads": 1}, out, progress=False)
     m = pd.read_csv(out / "metrics.csv")
-    assert len(m) == 2
-    for _, row in m.iterrows():
-        plan = json.loads(row["plan"])
+    plans = [json.loads(line) for line in (out / "plans.jsonl").read_text().splitlines()]
+    assert len(m) == 2 == len(plans) and [p["epoch"] for p in plans] == list(m["epoch"])
+    for (_, row), plan in zip(m.iterrows(), plans):
         info = plan["info"]
         assert len(plan["quantized"]) == 3 == info["k"] and info["sampler"] == "paper"
         pi = np.array(list(info["pi_softmax"].values()))
