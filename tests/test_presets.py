@@ -80,3 +80,10 @@ def test_sweep_preset_reaches_every_point():
         assert c.schedule.budget_unit == "layers"
     assert {c.schedule.select for c in cfgs if c.schedule.kind == "static-subset"} == {"random"}
     assert {c.schedule.estimator for c in cfgs if c.schedule.kind == "dpquant"} == {"training"}
+
+
+def test_recipe_names_mirror_the_registry():
+    from dpquant_sim.nn.config import RECIPES
+    from dpquant_sim.recipe_names import RECIPE_NAMES
+
+    assert RECIPE_NAMES == tuple(RECIPES)

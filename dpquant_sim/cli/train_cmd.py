@@ -110,9 +110,9 @@ def train_json(res) -> dict[str, Any]:
 
 
 def _recipe_names() -> str:
-    from dpquant_sim.nn.config import RECIPES  # imports torch: only when `train --help` is shown
+    from dpquant_sim.recipe_names import RECIPE_NAMES  # torch-free: `train --help` stays fast
 
-    return ", ".join(RECIPES)
+    return ", ".join(RECIPE_NAMES)
 
 
 def _schedule_kinds() -> str:
