@@ -22,23 +22,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from dpquant_sim.analysis.stats import holm
+
 RUNGS = (("static", "static-subset"), ("+rotation", "random"), ("+prioritization", "dpquant"), ("fp32", "fp32"))
 COMPARISONS = (("dpquant", "random"), ("random", "static-subset"))
-
-
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1).
-
-    >>> [round(p, 3) for p in holm([0.01, 0.04, 0.03])]
-    [0.03, 0.06, 0.06]
-    """
-    m = len(pvalues)
-    order = sorted(range(m), key=lambda i: pvalues[i])
-    adj, running = [0.0] * m, 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * pvalues[i]))
-        adj[i] = running
-    return adj
 
 
 def final_rows(results: pd.DataFrame) -> pd.DataFrame:

@@ -31,6 +31,7 @@ import pandas as pd
 import yaml
 from scipy import stats
 
+from dpquant_sim.analysis.stats import holm
 from dpquant_sim.plan import read_metrics
 
 
@@ -94,21 +95,6 @@ def permutation_p(a: np.ndarray, b: np.ndarray, permutations: int, seed: int = 0
         p = rng.permutation(pooled)
         hits += int(abs(p[: a.size].mean() - p[a.size:].mean()) >= obs - 1e-15)
     return float((1 + hits) / (1 + permutations))
-
-
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1).
-
-    >>> [round(p, 3) for p in holm([0.01, 0.04, 0.03])]
-    [0.03, 0.06, 0.06]
-    """
-    m = len(pvalues)
-    order = sorted(range(m), key=lambda i: pvalues[i])
-    adj, running = [0.0] * m, 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * pvalues[i]))
-        adj[i] = running
-    return adj
 
 
 def analyse(runs: pd.DataFrame, permutations: int = 20000) -> tuple[pd.DataFrame, pd.DataFrame]:

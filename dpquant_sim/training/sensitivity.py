@@ -59,6 +59,20 @@ def strip_prefix(name: str) -> str:
     return name
 
 
+def resolve_layers(model: nn.Module, layer_names: Sequence[str]) -> tuple[nn.Module, list[str], list[str]]:
+    """(unwrapped model, all its quantizable layer names, ``layer_names`` without wrapper prefixes); an unknown
+    name is a ConfigError listing the model's layers."""
+    from dpquant_sim.nn.convert import quantizable_layers
+
+    module = unwrap_model(model)
+    all_layers = list(quantizable_layers(module))
+    names = [strip_prefix(n) for n in layer_names]
+    unknown = [n for n in names if n not in all_layers]
+    if unknown:
+        raise ConfigError("layer_names", unknown, all_layers)
+    return module, all_layers, names
+
+
 def per_example_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy per example (reduction='none'), in float32."""
     return F.cross_entropy(logits.float(), y, reduction="none")
@@ -108,18 +122,13 @@ def make_loss_delta_fn(
     def loss_deltas(
         layer_names: Sequence[str], sample_rate: float, generator: torch.Generator
     ) -> tuple[torch.Tensor, float]:
-        from dpquant_sim.nn import apply_plan, quantizable_layers
+        from dpquant_sim.nn import apply_plan
         from dpquant_sim.nn.config import get_recipe
 
         if not (0.0 < float(sample_rate) <= 1.0):
             raise ConfigError("sample_rate", sample_rate, "a rate in (0, 1]")
         cfg = get_recipe(recipe)
-        module = unwrap_model(model)
-        all_layers = list(quantizable_layers(module))
-        names = [strip_prefix(n) for n in layer_names]
-        unknown = [n for n in names if n not in all_layers]
-        if unknown:
-            raise ConfigError("layer_names", unknown, all_layers)
+        module, all_layers, names = resolve_layers(model, layer_names)
         # Poisson sampling: every example independently with probability q (Opacus's sampler does the same).
         gen_device = generator.device if generator is not None else torch.device("cpu")
         keep = torch.rand(n_total, generator=generator, device=gen_device) < float(sample_rate)

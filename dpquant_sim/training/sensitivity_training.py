@@ -62,7 +62,7 @@ from torch.utils.data import Dataset
 
 from dpquant_sim.errors import ConfigError, DPSafetyError
 from dpquant_sim.training.sensitivity import (
-    LossFn, _gather, per_example_cross_entropy, strip_prefix, unwrap_model,
+    LossFn, _gather, per_example_cross_entropy, resolve_layers,
 )
 
 CLIP_EPS = 1e-6  # as Opacus and the engine: factor min(1, C / (||g|| + 1e-6))
@@ -116,7 +116,7 @@ def make_training_delta_fn(
         layer_names: Sequence[str], sample_rate: float, generator: torch.Generator, *, iters: int = 1,
         lr: float | None = None, grad_clip: float | None = None,
     ) -> tuple[torch.Tensor, float]:
-        from dpquant_sim.nn import apply_plan, quantizable_layers, set_generators
+        from dpquant_sim.nn import apply_plan, set_generators
         from dpquant_sim.nn.config import get_recipe
 
         step = default_lr if lr is None else float(lr)
@@ -130,12 +130,7 @@ def make_training_delta_fn(
         if not clip > 0.0:
             raise ConfigError("estimator_grad_clip", clip, "a clipping norm > 0")
         cfg = get_recipe(recipe)
-        module = unwrap_model(model)
-        all_layers = list(quantizable_layers(module))
-        names = [strip_prefix(n) for n in layer_names]
-        unknown = [n for n in names if n not in all_layers]
-        if unknown:
-            raise ConfigError("layer_names", unknown, all_layers)
+        module, all_layers, names = resolve_layers(model, layer_names)
         # the rounding seed first, then the Poisson draw: a neighbouring dataset (one example fewer at the end)
         # sees the same seed and the same inclusion draws for every other example
         gen_device = generator.device if generator is not None else torch.device("cpu")
