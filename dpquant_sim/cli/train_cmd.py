@@ -61,7 +61,7 @@ def build_config(config: Optional[Path], flags: dict[str, Any], schedule_opts: d
 # The flag that sets each config field (errors name the flag, not the field; see cli/vocab.py).
 TRAIN_FIELD_FLAGS: dict[str, str] = {
     "out": "--out", "config": "--config", "schedule": "--schedule", "schedule.kind": "--schedule",
-    "schedule.budget": "--budget", "schedule.budget_unit": "--budget-unit",
+    "schedule.budget": "--budget", "schedule.budget_unit": "--budget-unit", "schedule.estimator": "--estimator",
     "prune.sparsity": "--prune-sparsity", "prune.method": "--prune-method", "prune.structure": "--prune-structure",
     "drop.keep": "--drop-keep", "drop.method": "--drop-method", "private": "--private",
     "eval_quantized": "--eval-quantized",
