@@ -17,22 +17,18 @@ from dpquant_sim.training.sensitivity import make_loss_delta_fn
 qnn = pytest.importorskip("dpquant_sim.nn")
 
 
-@pytest.fixture(scope="module")
-def fragile():
-    """A trained 3-layer MLP whose middle layer '2' is fragile under fp4 by construction.
+def fragile_mlp(x: torch.Tensor, y: torch.Tensor):
+    """A 3-layer MLP trained on (x, y) whose middle layer '2' is fragile under fp4 by construction.
 
     Hidden unit 0 of layer '0' is dead (zero weights, bias -1: ReLU always 0, so it gets no gradient and stays
     dead); layer '2' has weight 1000 on that input in every row. In full precision the huge column multiplies
     0 and changes nothing; with per-output-channel fp4 scaling (amax 1000 -> step 1000/12 for the smallest
     normal fp4 value 0.5 of 6) every ordinary weight (|w| < 1) rounds to 0, so layer 2 outputs its bias alone
-    and the classifier collapses. Layers '0' and '4' lose only rounding accuracy.
+    and the classifier collapses. Layers '0' and '4' lose only rounding accuracy. (Also used by
+    tests/test_sensitivity_training.py.)
     """
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    n, d, k = 96, 8, 4
-    centers = torch.randn(k, d, generator=g) * 2.0
-    y = torch.randint(0, k, (n,), generator=g)
-    x = centers[y] + 0.5 * torch.randn(n, d, generator=g)
+    d, k = x.shape[1], int(y.max()) + 1
     model = nn.Sequential(nn.Linear(d, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, k))
     with torch.no_grad():
         model[0].weight[0].zero_()
@@ -44,8 +40,17 @@ def fragile():
         opt.step()
     with torch.no_grad():
         model[2].weight[:, 0] = 1000.0
-    model = qnn.convert_model(model, seed=0)
-    return model, TensorDataset(x, y)
+    return qnn.convert_model(model, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fragile():
+    g = torch.Generator().manual_seed(0)
+    n, d, k = 96, 8, 4
+    centers = torch.randn(k, d, generator=g) * 2.0
+    y = torch.randint(0, k, (n,), generator=g)
+    x = centers[y] + 0.5 * torch.randn(n, d, generator=g)
+    return fragile_mlp(x, y), TensorDataset(x, y)
 
 
 def reference_deltas(model, data, names, recipe="fp4"):

@@ -24,6 +24,7 @@ from dpquant_sim.schedules.estimators import ESTIMATORS, get_estimator
 from dpquant_sim.training.accounting import PrivacyLedger
 from dpquant_sim.training.sensitivity import make_loss_delta_fn
 from dpquant_sim.training.sensitivity_training import SEED_BOUND, make_training_delta_fn
+from tests.test_sensitivity import fragile_mlp
 
 qnn = pytest.importorskip("dpquant_sim.nn")
 NAMES = ["0", "2", "4"]
@@ -38,23 +39,9 @@ def _data(n=48, d=8, k=4, seed=0):
 
 @pytest.fixture(scope="module")
 def fragile():
-    """A trained MLP whose layer '2' is fragile under fp4 by construction (as in test_sensitivity.py): a dead
-    hidden unit of layer '0' carries weight 1000 in every row of layer '2'; per-channel fp4 then rounds every
-    ordinary weight of layer '2' to 0, while in full precision the huge column multiplies 0."""
-    torch.manual_seed(0)
+    """test_sensitivity.py's planted-fragile MLP (layer '2' collapses under fp4), on the same data."""
     x, y = _data(96)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-    with torch.no_grad():
-        model[0].weight[0].zero_()
-        model[0].bias[0] = -1.0
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(200):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    with torch.no_grad():
-        model[2].weight[:, 0] = 1000.0
-    return qnn.convert_model(model, seed=0), TensorDataset(x, y)
+    return fragile_mlp(x, y), TensorDataset(x, y)
 
 
 @pytest.fixture()
