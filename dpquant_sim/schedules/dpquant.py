@@ -374,15 +374,15 @@ class DPQuantSchedule(OwnRng):
         time without replacement, each draw proportional to the remaining pi (see the module docstring)."""
         cfg = self.cfg
         n = len(names)
-        if warming or not names:  # uniform rotation until the first estimate
+        if not names:
+            return build_plan(ctx, np.zeros(0, dtype=bool), scores={}, probs={}, info={"schedule": "dpquant"})
+        if warming:  # uniform rotation until the first estimate
             logits = np.zeros(n)
         else:
             s = np.array([self.scores[nm] for nm in names])
             scale = self._scale(s, ctx.private)
             z = np.zeros(n) if (scale <= 0 or not np.isfinite(scale)) else (s - s.mean()) / scale
             logits = -cfg.beta * z
-        if not names:
-            return build_plan(ctx, np.zeros(0, dtype=bool), scores={}, probs={}, info={"schedule": "dpquant"})
         k = layer_count(cfg.budget, n)
         pi = softmax_weights(logits)
         incl = successive_inclusion_probabilities(logits, k)

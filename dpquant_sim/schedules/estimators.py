@@ -15,7 +15,7 @@ are computed and the sensitivity they are accounted with:
 - ``training`` (the DPQuant paper's estimator): ``ScheduleContext.extra['training_deltas']``: the same
   difference after ``estimator_iters`` short clipped SGD steps per candidate policy from the same weights,
   each example on its own (``dpquant_sim.training.sensitivity_training``). Accounted with sensitivity 2 C_a
-  (factor 2), the paper's bound as the issue that asked for it states it.
+  (factor 2), the bound the paper's analysis is stated with.
 
 Proof sketch for ``training`` (why sigma_s / 2 is a valid noise multiplier for the ledger). Let S(D) =
 sum_{i in B} clip_{C_a}(d_i) with B the Poisson sample. (1) Row d_i is a function of example i, the public weight

@@ -74,6 +74,7 @@ from dpquant_sim.errors import ConfigError, PrivacyBudgetExceeded, RunFolderErro
 from dpquant_sim.io import atomic_write, atomic_write_df, atomic_write_json, clean_stale_temps, file_sha256
 from dpquant_sim.locking import folder_lock
 from dpquant_sim.plan import PLANS_FILE, EpochPlan, read_metrics, write_plans
+from dpquant_sim.schedules.configs import DATA_DEPENDENT_PRUNE_METHODS
 from dpquant_sim.training.accounting import DPSGD, Mechanism, PrivacyLedger, calibrate_noise, compose_epsilon
 from dpquant_sim.training.config import TrainConfig, check_private_recipe, flatten_config
 
@@ -243,15 +244,9 @@ def _split_public(cfg: TrainConfig, data):
     info = {"fraction": cfg.public_fraction, "n_loaded": n, "n_public": n_pub, "n_private": n - n_pub,
             "selected_by": f"permutation seeded from (seed={cfg.seed}, {PUBLIC_SPLIT_TAG:#x})",
             "used_by": (f"prune.method={cfg.prune.method}" if cfg.prune is not None and
-                        cfg.prune.method in _data_dependent_prune_methods() else "nothing (held out only)"),
+                        cfg.prune.method in DATA_DEPENDENT_PRUNE_METHODS else "nothing (held out only)"),
             "indices": pub.tolist()}
     return private, (x[pub], y[pub]), info
-
-
-def _data_dependent_prune_methods() -> tuple[str, ...]:
-    from dpquant_sim.schedules.configs import DATA_DEPENDENT_PRUNE_METHODS
-
-    return DATA_DEPENDENT_PRUNE_METHODS
 
 
 def _prune_drop(cfg: TrainConfig, model: nn.Module, seed: int, input_shape, public=None):

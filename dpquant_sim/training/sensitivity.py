@@ -73,6 +73,17 @@ def resolve_layers(model: nn.Module, layer_names: Sequence[str]) -> tuple[nn.Mod
     return module, all_layers, names
 
 
+def poisson_indices(n_total: int, sample_rate: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Indices (CPU, ascending) of a Poisson sample of ``n_total`` examples: each independently with probability
+    ``sample_rate``, as Opacus's sampler (one uniform per example from ``generator``, so a dataset with one example
+    fewer at the end sees the same draws for every other example)."""
+    if not (0.0 < float(sample_rate) <= 1.0):
+        raise ConfigError("sample_rate", sample_rate, "a rate in (0, 1]")
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    keep = torch.rand(n_total, generator=generator, device=gen_device) < float(sample_rate)
+    return keep.nonzero().squeeze(1).cpu()
+
+
 def per_example_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy per example (reduction='none'), in float32."""
     return F.cross_entropy(logits.float(), y, reduction="none")
@@ -125,14 +136,9 @@ def make_loss_delta_fn(
         from dpquant_sim.nn import apply_plan
         from dpquant_sim.nn.config import get_recipe
 
-        if not (0.0 < float(sample_rate) <= 1.0):
-            raise ConfigError("sample_rate", sample_rate, "a rate in (0, 1]")
         cfg = get_recipe(recipe)
         module, all_layers, names = resolve_layers(model, layer_names)
-        # Poisson sampling: every example independently with probability q (Opacus's sampler does the same).
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        keep = torch.rand(n_total, generator=generator, device=gen_device) < float(sample_rate)
-        idx = keep.nonzero().squeeze(1).cpu()
+        idx = poisson_indices(n_total, sample_rate, generator)
         n = int(idx.numel())
         out = torch.zeros((n, len(names)), dtype=torch.float64)
         if n == 0:

@@ -62,7 +62,7 @@ from torch.utils.data import Dataset
 
 from dpquant_sim.errors import ConfigError, DPSafetyError
 from dpquant_sim.training.sensitivity import (
-    LossFn, _gather, per_example_cross_entropy, resolve_layers,
+    LossFn, _gather, per_example_cross_entropy, poisson_indices, resolve_layers,
 )
 
 CLIP_EPS = 1e-6  # as Opacus and the engine: factor min(1, C / (||g|| + 1e-6))
@@ -121,8 +121,6 @@ def make_training_delta_fn(
 
         step = default_lr if lr is None else float(lr)
         clip = default_clip if grad_clip is None else float(grad_clip)
-        if not (0.0 < float(sample_rate) <= 1.0):
-            raise ConfigError("sample_rate", sample_rate, "a rate in (0, 1]")
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
             raise ConfigError("estimator_iters", iters, "an integer >= 1")
         if not step >= 0.0:
@@ -135,8 +133,7 @@ def make_training_delta_fn(
         # sees the same seed and the same inclusion draws for every other example
         gen_device = generator.device if generator is not None else torch.device("cpu")
         base_seed = int(torch.randint(0, SEED_BOUND, (1,), generator=generator, device=gen_device))
-        keep = torch.rand(n_total, generator=generator, device=gen_device) < float(sample_rate)
-        idx = keep.nonzero().squeeze(1).cpu()
+        idx = poisson_indices(n_total, sample_rate, generator)
         n = int(idx.numel())
         out = torch.zeros((n, len(names)), dtype=torch.float64)
         n_exp = float(sample_rate) * n_total
