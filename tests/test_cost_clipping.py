@@ -15,6 +15,7 @@ from dpquant_sim.cost.clipping import CLIP_COST, layer_dims, parse_clipping
 from dpquant_sim.cost.flops import gemm_layer_ops, memory_bytes, step_ops
 from dpquant_sim.errors import ConfigError
 from dpquant_sim.nn.shapes import trace_layers
+from tests.test_cost_cli import _cli
 
 # One conv layer with bias, not the first layer: C_in 4 -> C_out 8, 3x3, padding 1 on 6x6, batch 2.
 # Per example: T = 36 positions, d = 4*9 = 36, p = 8; weight 288, bias 8; input 144, output 288 elements.
@@ -217,18 +218,6 @@ def test_gemm_flops_match_flopcountermode_resnet18_w16():
 
 
 # ------------------------------------------------------------------------------ CLI and runs
-def _cli(capsys, *argv):
-    from dpquant_sim.cli import main
-
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_cost_cli_dp_algorithm_axis(capsys):
     argv = ["cost", "--model", "cnn", "--input", "1x8x8", "--batch-size", "64", "--accelerators", "h100_sxm,b200",
             "--json"]

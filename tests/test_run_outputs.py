@@ -12,23 +12,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from dpquant_sim.cli import main
 from dpquant_sim.plan import EpochPlan, read_metrics, read_plans
 from dpquant_sim.training.engine import train
+from tests.test_cost_cli import _cli
 
 TINY = dict(dataset="digits", model="mlp", n_train=200, n_test=100, batch_size=50, epochs=2, lr=0.5,
             schedule={"kind": "random", "budget": 0.5}, recipe="fp8", noise_multiplier=1.0)
 LINE = re.compile(r"^epoch (\d+)/(\d+) acc=(\d\.\d{3}) eps=(\S+) quantized=(\d+)/(\d+) (\d+\.\d)s$")
-
-
-def _cli(capsys, *argv):
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _sha(path) -> str:
