@@ -51,13 +51,13 @@ import torch
 from dpquant_sim.errors import ConfigError, check_choice
 from dpquant_sim.numerics.formats import Format, IntFormat, get_format
 from dpquant_sim.numerics.quantize import OVERFLOWS, ROUNDINGS, _check_tensor, quantize
+from dpquant_sim.numerics.spec import CLIPS
 
 SCALINGS = ("none", "tensor", "channel", "sample", "mx", "nvfp4")
 MX_BLOCK = 32
 NVFP4_BLOCK = 16
 _E4M3_MAX = 448.0
 _FP4_MAX = 6.0
-CLIPS = ("amax", "sawb")
 # SAWB coefficients (c1, c2) per integer bit width: c = c1 * sqrt(E[x^2]) - c2 * E|x|. 4 bits: the values LUQ's
 # reference implementation uses (Chmiel et al. 2023; fitted by Choi et al. 2018).
 SAWB_COEFFS: dict[int, tuple[float, float]] = {4: (12.1, 12.2)}
